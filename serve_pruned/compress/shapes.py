@@ -1,0 +1,321 @@
+"""Model shapes, parameter arithmetic and the search from a parameter target to uniform counts.
+
+Torch-free: shapes come from config.json and safetensors headers, so ``--target-params`` can be
+turned into counts (and rejected early) before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from serve_pruned.errors import GQAGroupingError, InvalidTargetError, ModelLoadError
+
+LAYER_RE = re.compile(r"^(?P<prefix>.*\blayers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+# How each per-layer tensor resizes: (axis, what its size along that axis counts).
+#   "q"   -> num_heads * head_dim,  "kv" -> num_kv_heads * head_dim,  "ffn" -> intermediate_size.
+# Tensors not listed keep their shape (norms, o_proj/down_proj biases, Qwen3 q_norm/k_norm).
+_RESIZE: dict[str, tuple[int, str]] = {
+    "self_attn.q_proj.weight": (0, "q"),
+    "self_attn.q_proj.bias": (0, "q"),
+    "self_attn.k_proj.weight": (0, "kv"),
+    "self_attn.k_proj.bias": (0, "kv"),
+    "self_attn.v_proj.weight": (0, "kv"),
+    "self_attn.v_proj.bias": (0, "kv"),
+    "self_attn.o_proj.weight": (1, "q"),
+    "mlp.gate_proj.weight": (0, "ffn"),
+    "mlp.gate_proj.bias": (0, "ffn"),
+    "mlp.up_proj.weight": (0, "ffn"),
+    "mlp.up_proj.bias": (0, "ffn"),
+    "mlp.down_proj.weight": (1, "ffn"),
+}
+_KEPT_WHOLE = {
+    "self_attn.o_proj.bias",
+    "mlp.down_proj.bias",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The per-layer sizes that structured pruning changes (uniform across layers)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> Shape:
+        heads = int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or heads)
+        head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
+        if heads % kv:
+            raise GQAGroupingError(
+                f"config.json has {heads} attention heads and {kv} KV heads, which do not form equal groups",
+                field="num_key_value_heads",
+            )
+        return cls(
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=int(head_dim),
+            intermediate_size=int(config["intermediate_size"]),
+        )
+
+    def size(self, kind: str) -> int:
+        if kind == "q":
+            return self.num_heads * self.head_dim
+        if kind == "kv":
+            return self.num_kv_heads * self.head_dim
+        return self.intermediate_size
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """K and V for every layer: layers x KV heads x head_dim x 2 x bytes per element."""
+        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * dtype_bytes
+
+
+def split_layer_name(name: str) -> tuple[int, str] | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``(3, "mlp.up_proj.weight")``; None outside layers."""
+    m = LAYER_RE.match(name)
+    return (int(m["idx"]), m["rest"]) if m else None
+
+
+def resized(name: str, shape: tuple[int, ...], before: Shape, after: Shape) -> tuple[int, ...]:
+    """The shape tensor ``name`` takes when the model goes from ``before`` to ``after``."""
+    parts = split_layer_name(name)
+    if parts is None:
+        return shape
+    rest = parts[1]
+    if rest in _KEPT_WHOLE:
+        return shape
+    if rest not in _RESIZE:
+        raise ModelLoadError(
+            f"tensor {name} is not part of a Llama-family decoder layer; cannot prune this model",
+            path=name,
+            hint="only the architectures in the README support table can be pruned",
+        )
+    axis, kind = _RESIZE[rest]
+    if shape[axis] != before.size(kind):
+        raise ModelLoadError(
+            f"tensor {name} has size {shape[axis]} on axis {axis}, config.json implies {before.size(kind)}",
+            path=name,
+            hint="config.json and the weights disagree; re-save the model",
+        )
+    new = list(shape)
+    new[axis] = after.size(kind)
+    return tuple(new)
+
+
+def count_params(tensors: Mapping[str, tuple[int, ...]], before: Shape, after: Shape | None = None) -> int:
+    """Parameters of the model after pruning to ``after`` (``before`` itself when None).
+
+    Layers are uniform, so the count only depends on how many layers remain, not which ones.
+    """
+    after = after or before
+    total = 0
+    for name, shape in tensors.items():
+        parts = split_layer_name(name)
+        if parts is not None and parts[0] >= after.num_layers:
+            continue  # stands for one of the dropped layers
+        total += math.prod(resized(name, shape, before, after))
+    return total
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One uniform shape that meets the target, with its parameter count."""
+
+    shape: Shape
+    params: int
+    fraction: float
+
+
+def _check_counts(
+    before: Shape,
+    *,
+    keep_heads: int | None,
+    keep_kv_heads: int | None,
+    keep_ffn: int | None,
+    drop_layers: int,
+    multiple_of: int,
+    prune_heads: bool,
+    heads_divide: int | None,
+) -> None:
+    if keep_kv_heads is not None and not 1 <= keep_kv_heads <= before.num_kv_heads:
+        raise GQAGroupingError(
+            f"--keep-kv-heads {keep_kv_heads} is outside 1..{before.num_kv_heads} (the model's KV heads)",
+            field="keep_kv_heads",
+        )
+    if keep_heads is not None:
+        if not 1 <= keep_heads <= before.num_heads:
+            raise GQAGroupingError(
+                f"--keep-heads {keep_heads} is outside 1..{before.num_heads} (the model's query heads)",
+                field="keep_heads",
+            )
+        kv = keep_kv_heads if keep_kv_heads is not None else before.num_kv_heads
+        if keep_heads % kv or keep_heads // kv > before.heads_per_group:
+            valid = [kv * q for q in range(1, before.heads_per_group + 1)]
+            raise GQAGroupingError(
+                f"--keep-heads {keep_heads} cannot be split evenly over {kv} KV groups of at most "
+                f"{before.heads_per_group} query heads",
+                field="keep_heads",
+                hint=f"with {kv} KV heads, --keep-heads must be one of {valid} (or change --keep-kv-heads)",
+            )
+    if keep_heads is not None and heads_divide and heads_divide % keep_heads:
+        ok = [h for h in range(1, before.num_heads + 1) if heads_divide % h == 0]
+        raise GQAGroupingError(
+            f"--keep-heads {keep_heads} does not divide hidden_size {heads_divide}, which this architecture's "
+            "config class requires",
+            field="keep_heads",
+            hint=f"choose --keep-heads from {ok}",
+        )
+    if not prune_heads and (
+        (keep_heads is not None and keep_heads != before.num_heads)
+        or (keep_kv_heads is not None and keep_kv_heads != before.num_kv_heads)
+    ):
+        raise GQAGroupingError(
+            "this architecture's vLLM implementation derives head_dim from hidden_size, so heads cannot be pruned",
+            field="keep_heads",
+            hint="prune FFN channels and layers only (drop --keep-heads/--keep-kv-heads)",
+        )
+    if keep_ffn is not None:
+        if not 1 <= keep_ffn <= before.intermediate_size:
+            raise InvalidTargetError(
+                f"--keep-ffn {keep_ffn} is outside 1..{before.intermediate_size}", field="keep_ffn"
+            )
+        if keep_ffn % multiple_of and keep_ffn != before.intermediate_size:
+            raise InvalidTargetError(
+                f"--keep-ffn {keep_ffn} is not a multiple of {multiple_of}",
+                field="keep_ffn",
+                hint=f"use a multiple of {multiple_of}, or change --multiple-of "
+                     "(quantization group sizes must divide it)",
+            )
+    if not 0 <= drop_layers < before.num_layers:
+        raise InvalidTargetError(
+            f"--drop-layers {drop_layers} is outside 0..{before.num_layers - 1}", field="drop_layers"
+        )
+
+
+def plan_shapes(
+    tensors: Mapping[str, tuple[int, ...]],
+    before: Shape,
+    *,
+    target: float | None = None,
+    keep_heads: int | None = None,
+    keep_kv_heads: int | None = None,
+    keep_ffn: int | None = None,
+    drop_layers: int = 0,
+    multiple_of: int = 64,
+    prune_heads: bool = True,
+    heads_divide: int | None = None,
+) -> list[Candidate]:
+    """Turn counts and/or a parameter target into the uniform shapes worth trying.
+
+    Counts that are given are fixed; with ``target`` the remaining dimensions are searched: for every
+    allowed (KV groups, query heads per group), the widest FFN (a multiple of ``multiple_of``) that
+    keeps the total at or below ``target`` of the original parameters. Without a target, exactly one
+    candidate (the counts given, the rest unchanged) is returned.
+
+    Returns:
+        Candidates, the largest parameter count first.
+
+    Raises:
+        InvalidTargetError: target outside (0, 1], already met, or below the smallest allowed shape.
+        GQAGroupingError: head counts that do not split evenly over KV groups.
+    """
+    if multiple_of < 1:
+        raise InvalidTargetError(f"--multiple-of must be at least 1, got {multiple_of}", field="multiple_of")
+    _check_counts(
+        before,
+        keep_heads=keep_heads,
+        keep_kv_heads=keep_kv_heads,
+        keep_ffn=keep_ffn,
+        drop_layers=drop_layers,
+        multiple_of=multiple_of,
+        prune_heads=prune_heads,
+        heads_divide=heads_divide,
+    )
+    total = count_params(tensors, before)
+    layers = before.num_layers - drop_layers
+
+    if target is None:
+        kv = keep_kv_heads if keep_kv_heads is not None else before.num_kv_heads
+        heads = keep_heads if keep_heads is not None else kv * before.heads_per_group
+        shape = Shape(layers, heads, kv, before.head_dim, keep_ffn or before.intermediate_size)
+        if shape == before:
+            raise InvalidTargetError(
+                "nothing to prune: no --target-params and every count equals the model's",
+                field="target_params",
+                hint="pass --target-params 0.75, or counts such as --keep-ffn / --keep-heads / --drop-layers",
+            )
+        params = count_params(tensors, before, shape)
+        return [Candidate(shape, params, params / total)]
+
+    if not (0.0 < target <= 1.0) or math.isnan(target):
+        raise InvalidTargetError(
+            f"--target-params must be a fraction in (0, 1], got {target}",
+            field="target_params",
+            hint="e.g. --target-params 0.75 keeps three quarters of the parameters",
+        )
+    budget = math.floor(target * total)
+    if target >= 1.0:
+        raise InvalidTargetError(
+            "--target-params 1.0 is already met by the original model: nothing would be pruned",
+            field="target_params",
+            hint="ask for a smaller fraction, e.g. 0.75",
+        )
+    if keep_heads is not None and keep_kv_heads is None:
+        keep_kv_heads = before.num_kv_heads
+    if prune_heads:
+        kv_options = [keep_kv_heads] if keep_kv_heads else list(range(1, before.num_kv_heads + 1))
+    else:
+        kv_options = [before.num_kv_heads]
+
+    candidates: list[Candidate] = []
+    smallest = total
+    for kv in kv_options:
+        if keep_heads is not None:
+            q_options = [keep_heads // kv]
+        elif prune_heads:
+            q_options = list(range(1, before.heads_per_group + 1))
+        else:
+            q_options = [before.heads_per_group]
+        for q in q_options:
+            if heads_divide and heads_divide % (kv * q):
+                continue
+            if keep_ffn is not None:
+                ffn_options = [keep_ffn]
+            else:
+                top = before.intermediate_size - before.intermediate_size % multiple_of
+                ffn_options = list(range(top, 0, -multiple_of)) or [before.intermediate_size]
+            for ffn in ffn_options:  # widest first: stop at the first that fits
+                shape = Shape(layers, kv * q, kv, before.head_dim, ffn)
+                params = count_params(tensors, before, shape)
+                smallest = min(smallest, params)
+                if params <= budget:
+                    candidates.append(Candidate(shape, params, params / total))
+                    break
+    if not candidates:
+        raise InvalidTargetError(
+            f"--target-params {target} is below the smallest allowed shape "
+            f"({smallest / total:.3f} of the parameters with these options)",
+            field="target_params",
+            hint="raise the target, allow more structures (heads, --drop-layers), or lower --multiple-of",
+        )
+    candidates.sort(key=lambda c: c.params, reverse=True)
+    return candidates

@@ -1,0 +1,149 @@
+"""One error hierarchy for serve_pruned.
+
+Every error carries a one-line ``message`` (what failed and why) and a ``hint`` (what to run next).
+Each also subclasses the builtin a caller would naturally catch (ValueError, FileNotFoundError, ...),
+so library users are not forced to import our types. The CLI prints ``error: <message>`` and
+``hint: <hint>`` and exits 1; no traceback unless ``SERVE_PRUNED_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+
+class ServePrunedError(Exception):
+    """Base class of every error serve_pruned raises on purpose."""
+
+    default_hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(ServePrunedError, ValueError):
+    """Options that cannot work together, or a value outside its range."""
+
+
+class InvalidTargetError(UsageError):
+    """A pruning target that cannot be met (outside (0, 1], already met, or below the smallest shape)."""
+
+    def __init__(self, message: str, *, field: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.field = field
+
+
+class GQAGroupingError(UsageError):
+    """Head counts that would break grouped-query attention (uneven groups)."""
+
+    def __init__(self, message: str, *, field: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.field = field
+
+
+class UnsupportedArchitectureError(ServePrunedError, ValueError):
+    """The model's architecture is not one we can prune into a stock-vLLM checkpoint."""
+
+    def __init__(self, architecture: str, supported: list[str]) -> None:
+        super().__init__(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(supported)}",
+            hint="see the support table in README.md, or open an issue with the model's config.json",
+        )
+        self.architecture = architecture
+        self.supported = supported
+
+
+class ModelLoadError(ServePrunedError, OSError):
+    """The model folder or Hub id could not be read."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class MissingWeightsError(ModelLoadError, FileNotFoundError):
+    """No safetensors weights, or a shard named by the index is missing."""
+
+    default_hint = "convert the checkpoint to safetensors (save_pretrained(safe_serialization=True))"
+
+
+class CorruptWeightsError(ModelLoadError):
+    """A safetensors file is truncated or its header is unreadable."""
+
+    default_hint = "re-download or re-save the model; the file on disk is damaged"
+
+
+class RemoteCodeRefusedError(ServePrunedError, PermissionError):
+    """The model needs code from its repository and the user did not allow it."""
+
+    def __init__(self, repo: str) -> None:
+        super().__init__(
+            f"{repo} needs custom code from its repository (auto_map in config.json) and remote code is off",
+            hint="read that code, then pass --trust-remote-code if you trust it",
+        )
+        self.repo = repo
+
+
+class CalibrationDataError(ServePrunedError, ValueError):
+    """Calibration or evaluation text that is missing, empty or too short."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class DatasetUnavailableError(ServePrunedError, ConnectionError):
+    """A `datasets` name was given but the Hub cannot be reached (offline)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(
+            f"calibration dataset {name!r} could not be loaded: {reason}",
+            hint="pass a local .txt or .jsonl file with --calib, or run where the Hub is reachable",
+        )
+        self.name = name
+
+
+class OutputExistsError(ServePrunedError, FileExistsError):
+    """The output folder exists and --overwrite was not given."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"output folder {path} already exists",
+            hint="pass --overwrite to replace it (it is only replaced after the new output is complete)",
+        )
+        self.path = path
+
+
+class ManifestError(ServePrunedError, ValueError):
+    """A folder without a readable serve_pruned.json manifest, or one that fails verification."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class ServingEnvironmentError(ServePrunedError, FileNotFoundError):
+    """The serving virtual environment (vLLM) is missing or broken."""
+
+    default_hint = "run `make setup-serve` (or set SERVE_PRUNED_SERVE_PYTHON to a Python that has vLLM)"
+
+
+class MissingExtraError(ServePrunedError, ImportError):
+    """A heavy optional dependency (torch, transformers, llmcompressor) is not installed."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(
+            f"this command needs {module!r}, which is not installed",
+            hint=f"pip install 'serve-pruned[{extra}]' (or run `make setup`)",
+        )
+        self.module = module
+
+
+class VLLMStartError(ServePrunedError, RuntimeError):
+    """A vLLM server did not come up; the reason is taken from its log."""
+
+    def __init__(self, message: str, *, log_path: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.log_path = log_path

@@ -1,0 +1,76 @@
+"""Hermetic test settings and shared fixtures (tiny models, text files, the bundled model)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_tiny_model, make_tokenizer, synthetic_text  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Offline, blank token, temp HF_HOME; the serve_pruned cache is per session (shared by tests)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("SERVE_PRUNED_CACHE", str(tmp_path_factory.getbasetemp() / "sp_cache"))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("text")
+    calib, evalt = d / "calib.txt", d / "eval.txt"
+    calib.write_text(synthetic_text(30000, 1))
+    evalt.write_text(synthetic_text(6000, 2))
+    return {"calib": calib, "eval": evalt}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("tokenizers")
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    """One tiny random model per supported architecture (float32)."""
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(arch, root / arch, tokenizer_dir, seed=i)
+            for i, arch in enumerate(("llama", "mistral", "qwen2", "qwen3"))}
+
+
+def python_docs() -> Path | None:
+    for d in sorted(Path("/usr/share/doc").glob("python3*/html/_sources")):
+        if (d / "tutorial").is_dir():
+            return d
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled real model as a bf16 safetensors folder (converted once per machine, then cached)."""
+    pytest.importorskip("gguf")
+    from serve_pruned.compress.example_model import materialize
+
+    # kept across runs in the checkout (ignored by git): the conversion takes ~30 s
+    cache = Path(os.environ.get("SERVE_PRUNED_TEST_MODEL_CACHE", REPO / ".cache"))
+    return materialize(cache / "models" / "SmolLM2-135M-Instruct-bf16", cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def docs_text() -> dict[str, Path]:
+    """Python's docs from Debian python3-doc: howto+faq to calibrate, tutorial to evaluate (kept apart)."""
+    d = python_docs()
+    if d is None:
+        pytest.fail("python3-doc is not installed; run `make setup` (packaging/setup-system.sh)")
+    return {"howto": d / "howto", "faq": d / "faq", "tutorial": d / "tutorial"}
