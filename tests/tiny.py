@@ -51,8 +51,8 @@ ARCH_CONFIGS = {
 
 
 def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, *, dtype: str = "float32", seed: int = 0,
-                    layers: int = 4, heads: int = 6, kv_heads: int = 2, head_dim: int = 16,
-                    ffn: int = 256, hidden: int = 96, init_range: float = 0.08) -> Path:
+                    layers: int = 4, heads: int = 6, kv_heads: int = 2, head_dim: int = 32,
+                    ffn: int = 256, hidden: int = 192, init_range: float = 0.08) -> Path:
     """A random ``arch`` model saved as a Hugging Face folder (safetensors + tokenizer)."""
     import shutil
 

@@ -41,7 +41,8 @@ SUPPORTED: dict[str, ArchSupport] = {
         ArchSupport("llama", "LlamaForCausalLM", heads_divide_hidden=True,
                     notes="SmolLM2, Llama 2/3; kept query heads must divide hidden_size"),
         ArchSupport("mistral", "MistralForCausalLM", notes="sliding window kept as configured"),
-        ArchSupport("qwen2", "Qwen2ForCausalLM", notes="q/k/v biases pruned with their heads"),
+        ArchSupport("qwen2", "Qwen2ForCausalLM", prune_heads=False,
+                    notes="FFN and layers only: vLLM's Qwen2 derives head_dim = hidden_size // heads"),
         ArchSupport("qwen3", "Qwen3ForCausalLM", qk_norm=True, notes="q/k norms (per head_dim) kept whole"),
     )
 }

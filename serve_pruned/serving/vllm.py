@@ -76,10 +76,15 @@ _REASONS = (
 )
 
 
+# Wrappers vLLM raises after the real error; the root cause is an earlier line.
+_GENERIC = ("Engine core initialization failed", "EngineDeadError", "Worker failed with error",
+            "See root cause above", "See stack trace")
+
+
 def failure_reason(log_text: str) -> str:
-    """The most telling line of a vLLM log that ended in failure (last error line wins)."""
+    """The most telling line of a vLLM log that ended in failure (the last root-cause error line)."""
     for pattern in _REASONS:
-        hits = pattern.findall(log_text)
+        hits = [h for h in pattern.findall(log_text) if not any(g in h for g in _GENERIC)]
         if hits:
             return hits[-1].strip()[:300]
     tail = [ln for ln in log_text.strip().splitlines() if ln.strip()]
