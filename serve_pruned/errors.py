@@ -2,8 +2,8 @@
 
 Every error carries a one-line ``message`` (what failed and why) and a ``hint`` (what to run next).
 Each also subclasses the builtin a caller would naturally catch (ValueError, FileNotFoundError, ...),
-so library users are not forced to import our types. The CLI prints ``error: <message>`` and
-``hint: <hint>`` and exits 1; no traceback unless ``SERVE_PRUNED_DEBUG=1``.
+so library users are not forced to import our types. The CLI prints ``error: <message>; <hint>`` on
+one line and exits 1; no traceback unless ``SERVE_PRUNED_DEBUG=1``.
 """
 
 from __future__ import annotations

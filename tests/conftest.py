@@ -15,14 +15,20 @@ from tiny import make_tiny_model, make_tokenizer, synthetic_text  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Offline, blank token, temp HF_HOME; the serve_pruned cache is per session (shared by tests)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("SERVE_PRUNED_CACHE", str(tmp_path_factory.getbasetemp() / "sp_cache"))
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic(tmp_path_factory: pytest.TempPathFactory):
+    """Offline, blank token, temp HF_HOME and serve_pruned cache, for the whole session (subprocesses too).
+
+    Session-scoped so it is in force before any module- or session-scoped fixture runs.
+    """
+    base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(base / "hf_home"))
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.setenv("SERVE_PRUNED_CACHE", str(base / "sp_cache"))
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -26,14 +26,13 @@ def info(msg: str) -> None:
 
 
 def fail(message: str, hint: str = "") -> None:
-    click.echo(f"error: {message}", err=True)
-    if hint:
-        click.echo(f"hint: {hint}", err=True)
+    """One line on stderr -- what failed and why; then what to do -- and exit 1."""
+    click.echo(f"error: {message}" + (f"; {hint}" if hint else ""), err=True)
     sys.exit(1)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map known errors to `error: ...` / `hint: ...` and exit 1 (tracebacks only with SERVE_PRUNED_DEBUG=1)."""
+    """Map known errors to one `error: ...` line and exit 1 (tracebacks only with SERVE_PRUNED_DEBUG=1)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -113,6 +113,9 @@ def evaluate_folder(
 
     from serve_pruned.compress.data import eval_tokens, fingerprint_sources, read_sources
     from serve_pruned.compress.model_io import load_model, load_tokenizer, resolve_model
+    from serve_pruned.compress.package import quiet_transformers
+
+    quiet_transformers(progress)
 
     sources = read_sources(text)
     src = resolve_model(model_dir, trust_remote_code=trust_remote_code)

@@ -77,6 +77,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(fh.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptWeightsError(f"{path.name} has an unreadable safetensors header: {exc}", path=str(path)) from exc
+    except ModelLoadError:
+        raise
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror}", path=str(path)) from exc
     header.pop("__metadata__", None)

@@ -56,6 +56,14 @@ class PackageResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def quiet_transformers(progress: bool) -> None:
+    """Without progress bars, transformers' own ("Loading weights", "Writing shards") go too."""
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _require_torch() -> None:
     for mod, extra in (("torch", "package"), ("transformers", "package"), ("accelerate", "package")):
         try:
@@ -165,6 +173,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     eval_sources = read_sources(list(opts.eval_text), text_field=opts.text_field) if opts.eval_text else []
     _require_torch()
     timings["checks_s"] = time.perf_counter() - t0
+    quiet_transformers(progress)
 
     import torch
 
