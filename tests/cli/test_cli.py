@@ -59,7 +59,8 @@ def test_package_json_report_and_manifest(packaged):
     assert manifest["params_after"] == report["params_after"]
     assert len(manifest["pruning"]["shape_search"]) > 1  # a real search over several shapes happened
     after = manifest["shape_after"]
-    assert manifest["kv_cache_bytes_per_token"] == after["num_layers"] * after["num_kv_heads"] * after["head_dim"] * 2 * 4
+    kv = after["num_layers"] * after["num_kv_heads"] * after["head_dim"] * 2 * 4  # K and V, float32
+    assert manifest["kv_cache_bytes_per_token"] == kv
     q = manifest["quality"]
     assert q["pruned"]["perplexity"] > 1 and q["original"]["perplexity"] > 1 and 0 <= q["pruned"]["top1_agreement"] <= 1
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
