@@ -155,10 +155,12 @@ def package_cmd(model: str, out: Path, fmt: str, no_progress: bool, **kw: Any) -
 
 
 def _eval_text(r: dict[str, Any]) -> str:
-    line = f"perplexity {r['perplexity']:.3f} on {r['tokens']} tokens"
+    line = f"perplexity {r['perplexity']:.3f} on {r['tokens']} tokens ({r['backend']})"
     if "base" in r:
         line += (f"\nbase perplexity {r['base']['perplexity']:.3f} (ratio {r['perplexity_ratio']:.3f}), "
                  f"top-1 agreement {r['top1_agreement']:.3f}")
+    for prompt, text in (r.get("completions") or {}).items():
+        line += f"\n{prompt!r} -> {text!r}"
     return line
 
 
@@ -170,18 +172,25 @@ def _eval_text(r: dict[str, Any]) -> str:
 @click.option("--max-tokens", type=int, default=16384, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
+              help="vllm: serve MODEL with stock vLLM (serving environment) and use prompt_logprobs.")
+@click.option("--serve-python", envvar="SERVE_PRUNED_SERVE_PYTHON",
+              help="Python of the serving environment [default: .venv-serve/bin/python].")
+@click.option("--prompt", "prompts", multiple=True, help="With --backend vllm: also show greedy completions.")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--no-progress", is_flag=True)
 @format_option
 @handle_errors
 def eval_cmd(model: str, text: tuple[str, ...], base: str | None, seq_len: int, max_tokens: int, batch_size: int,
-             compute_dtype: str, trust_remote_code: bool, no_progress: bool, fmt: str) -> None:
+             compute_dtype: str, backend: str, serve_python: str | None, prompts: tuple[str, ...],
+             trust_remote_code: bool, no_progress: bool, fmt: str) -> None:
     """Perplexity of MODEL on --text, and greedy (top-1) agreement with --base."""
     from serve_pruned.compress.evaluate import evaluate_folder
 
     result = evaluate_folder(model, list(text), base=base, seq_len=seq_len, max_tokens=max_tokens,
                              batch_size=batch_size, dtype=compute_dtype, trust_remote_code=trust_remote_code,
-                             progress=not no_progress)
+                             progress=not no_progress, backend=backend, serve_python=serve_python,
+                             prompts=list(prompts))
     emit(result, fmt, _eval_text)
 
 

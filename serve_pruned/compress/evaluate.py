@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from serve_pruned.errors import UsageError
+
 
 def windows(ids: list[int], seq_len: int) -> list[list[int]]:
     """Non-overlapping windows of at most ``seq_len`` tokens (a last window needs 2 tokens to count)."""
@@ -107,8 +109,15 @@ def evaluate_folder(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     progress: bool = True,
+    backend: str = "transformers",
+    serve_python: str | None = None,
+    prompts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """`serve-pruned eval`: perplexity of a model folder, and agreement with ``base`` when given."""
+    """`serve-pruned eval`: perplexity of a model folder, and agreement with ``base`` when given.
+
+    With ``backend="vllm"`` the folder is served by stock vLLM from the serving environment and the
+    perplexity comes from ``prompt_logprobs`` over the same windows, so the two backends compare 1:1.
+    """
     from tqdm.auto import tqdm
 
     from serve_pruned.compress.data import eval_tokens, fingerprint_sources, read_sources
@@ -122,13 +131,29 @@ def evaluate_folder(
     base_src = resolve_model(base, trust_remote_code=trust_remote_code) if base else None
     tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
     ids = eval_tokens(tokenizer, sources, max_tokens=max_tokens)
+    if prompts and backend != "vllm":
+        raise UsageError("--prompt needs --backend vllm (completions come from the served model)")
+    if backend == "vllm":
+        if base:
+            raise UsageError("--base needs --backend transformers (agreement is computed on logits)")
+        from serve_pruned.serving.vllm import VLLMServer, find_serve_python, free_port
+
+        python = find_serve_python(serve_python)
+        served_dtype = str(src.config.get("dtype") or src.config.get("torch_dtype") or "bfloat16")
+        with VLLMServer(str(src.path), free_port(), dtype=served_dtype, max_model_len=seq_len + 16,
+                        serve_python=python) as server:
+            ppl, count = server.perplexity(windows(ids, seq_len))
+            samples = {p: server.complete(p, max_tokens=24)["choices"][0]["text"] for p in prompts or []}
+        return {"model": model_dir, "backend": "vllm", "perplexity": ppl, "nll": math.log(ppl), "tokens": count,
+                "seq_len": seq_len, "top1_agreement": None, "text": [s.name for s in sources],
+                "text_sha256": fingerprint_sources(sources), "completions": samples}
     model = load_model(src.path, dtype=dtype, trust_remote_code=trust_remote_code)
     reference = load_model(base_src.path, dtype=dtype, trust_remote_code=trust_remote_code) if base_src else None
     n_win = len(windows(ids, seq_len))
     with tqdm(total=n_win * (2 if reference is not None else 1), desc="evaluating", unit="seq",
               disable=not progress, leave=False) as bar:
         report = evaluate(model, ids, seq_len=seq_len, batch_size=batch_size, reference=reference, progress=bar)
-        result: dict[str, Any] = {"model": model_dir, **report.to_dict()}
+        result: dict[str, Any] = {"model": model_dir, "backend": "transformers", **report.to_dict()}
         if reference is not None:
             base_report = evaluate(reference, ids, seq_len=seq_len, batch_size=batch_size, progress=bar)
             result["base"] = {"model": base, **base_report.to_dict()}

@@ -1,0 +1,59 @@
+# serve_pruned: `make demo` and `make test` do all the set-up they need on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VENV_SERVE ?= .venv-serve
+PY := $(VENV)/bin/python
+SP := $(VENV)/bin/serve-pruned
+DEMO ?= out/demo
+DEMO_TARGET ?= 0.75
+PYTEST_ARGS ?=
+
+.PHONY: help setup setup-system setup-package setup-serve demo test test-fast lint bench clean
+
+help:
+	@echo "make demo       set up, then prune the bundled SmolLM2-135M-Instruct and serve it in vLLM"
+	@echo "make test       set up, then run every test (unit, integration, vLLM)"
+	@echo "make test-fast  unit tests only (no real model, no vLLM)"
+	@echo "make bench      benchmarks -> docs/benchmarks.md"
+	@echo "make lint       ruff + mypy"
+
+setup: setup-system setup-package setup-serve
+
+setup-system:
+	@bash packaging/setup-system.sh
+
+setup-package:
+	@PYTHON=$(PYTHON) bash packaging/setup-env.sh package $(VENV)
+
+setup-serve:
+	@PYTHON=$(PYTHON) bash packaging/setup-env.sh serve $(VENV_SERVE)
+
+# The main job end to end on the bundled real model: materialize it, prune it to $(DEMO_TARGET) of its
+# parameters (calibrated on Python's HOWTOs and FAQ, evaluated on the tutorial), then serve the result in
+# stock vLLM and read its perplexity and a completion back through the OpenAI API.
+demo: setup
+	@set -euo pipefail; docs=$$(ls -d /usr/share/doc/python3*/html/_sources | head -n1); \
+	$(SP) example-model $(DEMO)/SmolLM2-135M-Instruct --overwrite >/dev/null; \
+	$(SP) package $(DEMO)/SmolLM2-135M-Instruct --out $(DEMO)/smollm2-p75 --overwrite \
+	  --target-params $(DEMO_TARGET) --calib $$docs/howto --calib $$docs/faq --num-samples 32 \
+	  --eval-text $$docs/tutorial --eval-max-tokens 8192; \
+	echo; echo "== the pruned model served by stock vLLM ($(VENV_SERVE)) =="; \
+	$(SP) eval $(DEMO)/smollm2-p75 --backend vllm --text $$docs/tutorial --max-tokens 8192 \
+	  --prompt "The capital of France is" --prompt "def fibonacci(n):"
+
+test: setup
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+test-fast: setup-package
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup-package
+	$(VENV)/bin/ruff check serve_pruned tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/scorers.py
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache .mypy_cache

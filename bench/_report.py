@@ -1,0 +1,41 @@
+"""Shared bits of the benchmarks: machine description and writing a section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = """# Benchmarks
+
+Every figure here was written by a script under `bench/`, together with the command that made it.
+Figures inside one section were measured side by side in one run; do not compare across sections or
+machines. Regenerate with `make bench`.
+"""
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def write_section(name: str, body: str, command: str) -> None:
+    """Replace (or append) the section ``name`` of docs/benchmarks.md."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = (f"<!-- bench:{name} -->\n{body.strip()}\n\nCommand: `{command}`  \n"
+             f"Machine: {machine()}; run {stamp}.\n<!-- /bench:{name} -->")
+    text = DOC.read_text() if DOC.exists() else HEADER
+    pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)

@@ -1,0 +1,75 @@
+"""The bundled real model end to end: convert, prune to 0.75 of its parameters, serve in stock vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve_pruned.compress.data import eval_tokens, read_sources
+from serve_pruned.compress.evaluate import windows
+from serve_pruned.manifest import read_manifest, verify_files
+
+pytestmark = pytest.mark.integration
+EXE = str(Path(sys.executable).parent / "serve-pruned")
+EVAL_TOKENS = 4096
+
+
+def test_example_model_is_a_bf16_safetensors_llama(smollm2, tmp_path):
+    proc = subprocess.run([EXE, "example-model", str(tmp_path / "smol")], capture_output=True, text=True,
+                          env={**os.environ, "SERVE_PRUNED_CACHE": str(smollm2.parents[1])}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = Path(proc.stdout.strip())
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["intermediate_size"], cfg["dtype"]) == ("llama", 30, 9, 3, 1536, "bfloat16")
+    assert "quantization_config" not in cfg
+    assert {"model.safetensors", "tokenizer.json", "LICENSE"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def pruned_smol(smollm2, docs_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "p75"
+    proc = subprocess.run(
+        [EXE, "package", str(smollm2), "--out", str(out), "--target-params", "0.75",
+         "--calib", str(docs_text["howto"]), "--calib", str(docs_text["faq"]), "--num-samples", "16",
+         "--seq-len", "256", "--eval-text", str(docs_text["tutorial"]), "--eval-max-tokens", str(EVAL_TOKENS),
+         "--format", "json", "--no-progress"],
+        capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout)
+
+
+def test_pruned_to_target_with_manifest(pruned_smol):
+    out, report = pruned_smol
+    m = read_manifest(out)
+    assert m["params_before"] == 134_515_008
+    assert 0.70 < m["params_fraction"] <= 0.75
+    assert m["weight_bytes"] < 0.8 * m["weight_bytes_before"]
+    q = m["quality"]
+    assert 10 < q["original"]["perplexity"] < 25  # the unpruned model on Python's tutorial
+    assert q["original"]["perplexity"] < q["pruned"]["perplexity"] < 10 * q["original"]["perplexity"]
+    assert verify_files(out, m) == []
+
+
+@pytest.mark.vllm
+def test_pruned_smollm2_serves_in_vllm_and_perplexity_matches(pruned_smol, docs_text):
+    from transformers import AutoTokenizer
+
+    from serve_pruned.serving.vllm import VLLMServer, free_port
+
+    out, report = pruned_smol
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = eval_tokens(tok, read_sources([str(docs_text["tutorial"])]), max_tokens=EVAL_TOKENS)
+    with VLLMServer(str(out), free_port(), dtype="bfloat16", max_model_len=1024) as server:
+        answer = server.complete("The capital of France is", max_tokens=8)
+        ppl, count = server.perplexity(windows(ids, 512))
+    assert answer["choices"][0]["text"].strip()
+    assert answer["usage"]["completion_tokens"] == 8
+    hf = report["quality"]["pruned"]
+    assert count == hf["tokens"]
+    assert ppl == pytest.approx(hf["perplexity"], rel=0.01)
