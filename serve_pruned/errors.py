@@ -147,3 +147,35 @@ class VLLMStartError(ServePrunedError, RuntimeError):
     def __init__(self, message: str, *, log_path: str | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.log_path = log_path
+
+
+class HubError(ServePrunedError, OSError):
+    """Talking to the Hugging Face Hub (or a mirror) failed."""
+
+    def __init__(self, message: str, *, repo_id: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.repo_id = repo_id
+
+
+class HubAuthError(HubError, PermissionError):
+    """The Hub refused the token (401/403)."""
+
+    default_hint = ("set HF_TOKEN (or pass --token) to a token with access to this repo; "
+                    "a push needs write access")
+
+
+class HubRepoNotFoundError(HubError, LookupError):
+    """The repo, or the revision asked for, does not exist (or is private)."""
+
+
+class ChecksumMismatchError(ServePrunedError, ValueError):
+    """Downloaded files differ from the sha256 the manifest records."""
+
+    def __init__(self, files: list[str], *, repo_id: str, revision: str) -> None:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        super().__init__(
+            f"{repo_id}@{revision}: {shown} do(es) not match the sha256 in serve_pruned.json; nothing was kept",
+            hint="the repo or a mirror serves altered files; re-push from a verified package, or check HF_ENDPOINT",
+        )
+        self.files = files
+        self.repo_id = repo_id

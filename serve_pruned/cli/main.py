@@ -63,6 +63,11 @@ def emit(data: dict[str, Any], fmt: str, text: Callable[[dict[str, Any]], str]) 
     click.echo(json.dumps(data, indent=2) if fmt == "json" else text(data))
 
 
+token_option = click.option(
+    "--token", envvar="HF_TOKEN", show_envvar=True,
+    help="Hugging Face token (prefer the HF_TOKEN environment variable; never printed).",
+)
+
 format_option = click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
     help="Output format on stdout.",
@@ -139,10 +144,15 @@ def _package_text(m: dict[str, Any]) -> str:
               help="Precision for scoring and evaluation (weights are saved in the source dtype).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new output is complete).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that need code from their repository.")
+@click.option("--push", "push_repo", metavar="REPO_ID", help="Push the output to this Hub repo when done.")
+@click.option("--push-revision", help="Branch to push to (default: see `serve-pruned push --help`).")
+@click.option("--push-tag", help="Tag the pushed commit.")
+@token_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @format_option
 @handle_errors
-def package_cmd(model: str, out: Path, fmt: str, no_progress: bool, **kw: Any) -> None:
+def package_cmd(model: str, out: Path, fmt: str, no_progress: bool, push_repo: str | None,
+                push_revision: str | None, push_tag: str | None, token: str | None, **kw: Any) -> None:
     """Prune MODEL (a local folder or Hub id) into a smaller dense model that stock vLLM serves."""
     from serve_pruned.compress.package import package
     from serve_pruned.options import PackageOptions
@@ -150,8 +160,19 @@ def package_cmd(model: str, out: Path, fmt: str, no_progress: bool, **kw: Any) -
     kw["calib"] = tuple(kw["calib"])
     kw["eval_text"] = tuple(kw["eval_text"])
     opts = PackageOptions(model=model, out=out, **kw)
+    if push_repo:
+        from serve_pruned.hub.transfer import parse_repo_spec
+
+        parse_repo_spec(push_repo)  # a bad repo id fails before minutes of packaging
     result = package(opts, log=info, progress=not no_progress)
-    emit({"out": str(result.out), **result.manifest}, fmt, _package_text)
+    report: dict[str, Any] = {"out": str(result.out), **result.manifest}
+    if push_repo:
+        from serve_pruned.hub.transfer import push
+
+        report["push"] = push(result.out, push_repo, revision=push_revision, tag=push_tag, token=token,
+                              log=info).to_dict()
+        info(f"pushed to {push_repo}@{report['push']['revision']} ({report['push']['commit_sha']})")
+    emit(report, fmt, _package_text)
 
 
 def _eval_text(r: dict[str, Any]) -> str:
@@ -192,6 +213,46 @@ def eval_cmd(model: str, text: tuple[str, ...], base: str | None, seq_len: int, 
                              progress=not no_progress, backend=backend, serve_python=serve_python,
                              prompts=list(prompts))
     emit(result, fmt, _eval_text)
+
+
+@cli.command("push")
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--revision", help="Branch to push to. Default: main if it is empty or holds this same variant, "
+              "else a branch named after the variant (main never silently changes model).")
+@click.option("--tag", help="Tag the new commit.")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--commit-message", help="Commit message.")
+@token_option
+@format_option
+@handle_errors
+def push_cmd(folder: Path, repo_id: str, revision: str | None, tag: str | None, private: bool,
+             commit_message: str | None, token: str | None, fmt: str) -> None:
+    """Upload a packaged FOLDER to the Hugging Face Hub as one commit; prints the commit sha."""
+    from serve_pruned.hub.transfer import push
+
+    result = push(folder, repo_id, revision=revision, tag=tag, private=private, commit_message=commit_message,
+                  token=token, log=info)
+    emit(result.to_dict(), fmt, lambda r: r["commit_sha"])
+    info(f"pushed {folder} to {repo_id}@{result.revision}" + (f" (tag {tag})" if tag else ""))
+
+
+@cli.command("pull")
+@click.argument("spec", metavar="REPO_ID[@REVISION]")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists (only after verification).")
+@token_option
+@format_option
+@handle_errors
+def pull_cmd(spec: str, dest: Path, overwrite: bool, token: str | None, fmt: str) -> None:
+    """Download a packaged model and verify every file against its manifest's sha256 before keeping it.
+
+    Works through a mirror (HF_ENDPOINT) and offline from the cache (HF_HUB_OFFLINE=1).
+    """
+    from serve_pruned.hub.transfer import pull
+
+    result = pull(spec, dest, token=token, overwrite=overwrite, log=info)
+    emit(result.to_dict(), fmt, lambda r: r["path"])
 
 
 def main() -> None:

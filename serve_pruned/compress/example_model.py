@@ -11,6 +11,7 @@ import importlib.util
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from serve_pruned.atomic import atomic_dir
 from serve_pruned.cache import cache_root
@@ -38,8 +39,9 @@ def _convert(dest: Path) -> None:
     src = gguf_path()
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer: Any = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # else save_pretrained fails: the GGUF config is "not serializable"
+        quantizer.remove_quantization_config(model)
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     model.save_pretrained(dest)
     tok.save_pretrained(dest)

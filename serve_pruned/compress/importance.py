@@ -73,15 +73,15 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
     q_width = attn0.o_proj.in_features
     head_dim = q_width // n_heads
     ffn = mlp0.down_proj.in_features
-    f64 = dict(dtype=torch.float64)
+    f64 = torch.float64
     stats = LayerStats(
-        o_sum=torch.zeros(n_layers, q_width, **f64),
-        o_sumsq=torch.zeros(n_layers, q_width, **f64),
-        head_contrib_sq=torch.zeros(n_layers, n_heads, **f64),
-        ffn_sum=torch.zeros(n_layers, ffn, **f64),
-        ffn_sumsq=torch.zeros(n_layers, ffn, **f64),
-        cos_sum=torch.zeros(n_layers, **f64),
-        tokens=torch.zeros(1, **f64),
+        o_sum=torch.zeros(n_layers, q_width, dtype=f64),
+        o_sumsq=torch.zeros(n_layers, q_width, dtype=f64),
+        head_contrib_sq=torch.zeros(n_layers, n_heads, dtype=f64),
+        ffn_sum=torch.zeros(n_layers, ffn, dtype=f64),
+        ffn_sumsq=torch.zeros(n_layers, ffn, dtype=f64),
+        cos_sum=torch.zeros(n_layers, dtype=f64),
+        tokens=torch.zeros(1, dtype=f64),
     )
     grams = []
     for layer in layers:
