@@ -1,0 +1,1 @@
+"""Push packaged models to the Hugging Face Hub and pull them back, verified against the manifest."""
