@@ -9,7 +9,9 @@ DEMO ?= out/demo
 DEMO_TARGET ?= 0.75
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-system setup-package setup-serve demo test test-fast lint bench clean
+VENV_MIRROR ?= .venv-mirror
+
+.PHONY: help setup setup-system setup-package setup-serve setup-mirror demo test test-fast lint bench clean
 
 help:
 	@echo "make demo       set up, then prune the bundled SmolLM2-135M-Instruct and serve it in vLLM"
@@ -29,6 +31,10 @@ setup-package:
 setup-serve:
 	@PYTHON=$(PYTHON) bash packaging/setup-env.sh serve $(VENV_SERVE)
 
+# tests only: olah serves a Hugging Face mirror for the pull-through-a-mirror test
+setup-mirror:
+	@PYTHON=$(PYTHON) bash packaging/setup-env.sh mirror $(VENV_MIRROR)
+
 # The main job end to end on the bundled real model: materialize it, prune it to $(DEMO_TARGET) of its
 # parameters (calibrated on Python's HOWTOs and FAQ, evaluated on the tutorial), then serve the result in
 # stock vLLM and read its perplexity and a completion back through the OpenAI API.
@@ -42,7 +48,7 @@ demo: setup
 	$(SP) eval $(DEMO)/smollm2-p75 --backend vllm --text $$docs/tutorial --max-tokens 8192 \
 	  --prompt "The capital of France is" --prompt "def fibonacci(n):"
 
-test: setup
+test: setup setup-mirror
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 test-fast: setup-package

@@ -68,7 +68,8 @@ def main() -> None:
         "| scorer | kept shape (heads/kv, FFN, layers) | params kept | " + " | ".join(f"ppl {n}" for n in names)
         + " | ratio to original (in / out) | wall time |",
         "|---|---|---|" + "---|" * len(names) + "---|---|",
-        "| original | 9/3, 1536, 30 | 1.000 | " + " | ".join(f"{original[n]:.2f}" for n in names) + " | 1.00 / 1.00 | |",
+        "| original | 9/3, 1536, 30 | 1.000 | " + " | ".join(f"{original[n]:.2f}" for n in names)
+        + " | 1.00 / 1.00 | |",
     ]
     for scorer, s, frac, ppl, elapsed in rows:
         ratios = " / ".join(f"{ppl[n] / original[n]:.2f}" for n in names)

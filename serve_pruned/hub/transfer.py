@@ -129,6 +129,11 @@ def hub_errors(repo_id: str, token: str | None, *, what: str) -> Iterator[None]:
         raise HubError(f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached",
                        repo_id=repo_id, hint="run once online (or through a mirror, HF_ENDPOINT), or unset "
                        "HF_HUB_OFFLINE") from exc
+    except RuntimeError as exc:  # e.g. "Error while uploading 'x' to the Hub." once retries are spent
+        cause = exc.__cause__ or exc.__context__
+        detail = _scrub(f"{exc}" + (f" ({type(cause).__name__}: {cause})" if cause else ""), token)
+        raise HubError(f"could not {what} {repo_id}: {detail[:300]}", repo_id=repo_id,
+                       hint="nothing was committed; retry (the Hub keeps uploads that finished)") from exc
     except OSError as exc:
         if isinstance(exc, HubError | ModelLoadError | ManifestError):
             raise
