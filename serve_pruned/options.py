@@ -37,6 +37,9 @@ class PackageOptions(BaseModel):
     max_candidates: int = Field(12, ge=1)
     search_samples: int = Field(4, ge=1)
 
+    quant: Literal["none", "w8a8", "w4a16", "fp8"] = "none"
+    group_size: int | None = Field(None, ge=1)
+
     eval_text: tuple[str, ...] = ()
     eval_max_tokens: int = Field(16384, ge=2)
     eval_seq_len: int = Field(512, ge=2)

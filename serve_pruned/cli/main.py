@@ -107,13 +107,16 @@ def _package_text(m: dict[str, Any]) -> str:
         f"  weight bytes   {m['weight_bytes_before']:,} -> {m['weight_bytes']:,}",
         f"  KV bytes/token {m['kv_cache_bytes_per_token_before']:,} -> {m['kv_cache_bytes_per_token']:,}",
     ]
+    if m.get("quantization"):
+        qz = m["quantization"]
+        group = f" (group {qz['group_size']})" if qz.get("group_size") else ""
+        lines.append(f"  quantization   {qz['scheme']}{group}")
     q = m.get("quality") or {}
-    if "pruned" in q:
-        line = f"  perplexity     {q['pruned']['perplexity']:.2f}"
-        if "original" in q:
-            line += (f" (original {q['original']['perplexity']:.2f}, "
-                     f"top-1 agreement {q['pruned']['top1_agreement']:.3f})")
-        lines.append(line)
+    for stage in ("original", "pruned", "quantized"):
+        if stage in q:
+            agree = q[stage].get("top1_agreement")
+            lines.append(f"  ppl {stage:<10} {q[stage]['perplexity']:.2f}"
+                         + (f" (top-1 agreement {agree:.3f})" if agree is not None else ""))
     return "\n".join(lines)
 
 
@@ -137,6 +140,10 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--multiple-of", type=int, default=64, show_default=True,
               help="FFN sizes are multiples of this (keeps W4A16 group sizes dividing).")
 @click.option("--max-candidates", type=int, default=12, show_default=True, help="Shapes tried by the search.")
+@click.option("--quant", type=click.Choice(["none", "w8a8", "w4a16", "fp8"]), default="none", show_default=True,
+              help="Quantize with llmcompressor into compressed-tensors (w8a8: SmoothQuant+GPTQ INT8; "
+              "w4a16: GPTQ INT4; fp8: FP8_DYNAMIC).")
+@click.option("--group-size", type=int, help="W4A16 group size (default: the largest of 128/64/32 that divides).")
 @click.option("--eval-text", multiple=True, help="Held-out text for perplexity in the manifest. Repeatable.")
 @click.option("--eval-max-tokens", type=int, default=16384, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
