@@ -92,9 +92,7 @@ def apply_quantization(model: Any, tokenizer: Any, plan: QuantPlan, samples: Any
     The model stays usable afterwards (fake-quantized forward), so its quality can be measured before
     it is saved.
     """
-    import contextlib
-    import io
-
+    _quiet_llmcompressor()
     from llmcompressor import oneshot
 
     dataset = None
@@ -104,12 +102,28 @@ def apply_quantization(model: Any, tokenizer: Any, plan: QuantPlan, samples: Any
         rows = samples.tolist()
         dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
     recipe = _modifiers(plan)
-    with contextlib.redirect_stdout(io.StringIO()):  # llmcompressor prints per-layer progress to stdout
-        oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=dataset,
-                num_calibration_samples=len(samples) if dataset is not None else 0,
-                max_seq_length=samples.shape[1] if dataset is not None else None,
-                pipeline="sequential" if dataset is not None else "datafree")
+    oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=dataset,
+            num_calibration_samples=len(samples) if dataset is not None else 0,
+            max_seq_length=samples.shape[1] if dataset is not None else None,
+            pipeline="sequential" if dataset is not None else "datafree")
     return recipe
+
+
+def _quiet_llmcompressor() -> None:
+    """llmcompressor logs every layer through loguru to STDOUT, our data channel: keep errors, on stderr.
+
+    Its logger is configured (and warns) while it is imported, so the level goes in through its
+    environment variable first.
+    """
+    import os
+    import sys
+
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+    from llmcompressor.logger import LoggerConfig, configure_logger
+    from loguru import logger
+
+    configure_logger(LoggerConfig(console_log_level=None))  # removes its stdout sink
+    logger.add(sys.stderr, level="ERROR", filter="llmcompressor")
 
 
 def save_quantized(model: Any, tokenizer: Any, recipe: list[Any], out: Path) -> None:

@@ -67,3 +67,18 @@ def test_quantized_package_is_compressed_tensors(scheme, tiny_models, text_files
     assert q["perplexity"] == pytest.approx(p["perplexity"], rel=0.05 if scheme != "w4a16" else 0.25)
     bits = {"w8a8": 1, "w4a16": 0.5, "fp8": 1}[scheme]
     assert m["weight_bytes"] < 0.5 * (m["params_after"] * 4) * bits + 2 * 384 * 192 * 4 + 200_000
+
+
+def test_cli_stdout_stays_json_while_quantizing(tiny_models, text_files, tmp_path):
+    """llmcompressor logs to stdout by default; the CLI's stdout must stay pure data."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "serve-pruned")
+    proc = subprocess.run([exe, "package", str(tiny_models["llama"]), "--out", str(tmp_path / "q"), "--quant", "w8a8",
+                           "--calib", str(text_files["calib"]), "--num-samples", "4", "--seq-len", "32",
+                           "--format", "json", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["kind"] == "quantized" and report["params_fraction"] == 1.0
