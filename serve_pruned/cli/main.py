@@ -262,6 +262,89 @@ def pull_cmd(spec: str, dest: Path, overwrite: bool, token: str | None, fmt: str
     emit(result.to_dict(), fmt, lambda r: r["path"])
 
 
+def _plan_text(plans: list[dict[str, Any]]) -> str:
+    gib = 1 << 30
+    out = []
+    for p in plans:
+        i = p["instance"]
+        gain = p["density_gain"]
+        out.append(
+            f"{p['model']} on {p['device']}: {p['max_instances']} instance(s) fit"
+            + (f" (original: {p['original_instances']}, density gain {gain:.2f}x)" if gain is not None else "")
+            + f"\n  per instance {i['total'] / gib:.2f} GiB = weights {i['weights'] / gib:.2f} + KV cache "
+            f"{i['kv_cache'] / gib:.2f} + activations {i['activations'] / gib:.2f} + overhead {i['overhead'] / gib:.2f}"
+            + "\n  vllm flags: " + " ".join(f"{k} {v}" for k, v in i["flags"].items())
+            + "".join(f"\n  env: {k}={v}" for k, v in i["env"].items()))
+    return "\n".join(out)
+
+
+@cli.command("plan")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--gpu", "device", required=True, help="GPU type (H100-80GB, H200-141GB, A100-80GB, A100-40GB, L40S, "
+              "L4, MIG profiles such as H100-80GB-MIG-3g.40gb) or 'cpu'.")
+@click.option("--max-model-len", type=int, default=2048, show_default=True)
+@click.option("--concurrency", type=int, default=16, show_default=True, help="Sequences per instance (max-num-seqs).")
+@click.option("--instances", type=int, help="Check that this many instances fit (default: as many as fit).")
+@format_option
+@handle_errors
+def plan_cmd(models: tuple[str, ...], device: str, max_model_len: int, concurrency: int, instances: int | None,
+             fmt: str) -> None:
+    """How many instances of each MODEL fit one GPU, with each instance's vLLM flags (sizes in bytes)."""
+    from serve_pruned.serving.memory import ModelFootprint, plan
+
+    plans = [plan(ModelFootprint.from_folder(m), device=device, max_model_len=max_model_len,
+                  concurrency=concurrency, instances=instances).to_dict() for m in models]
+    if fmt == "json":
+        click.echo(json.dumps(plans if len(plans) > 1 else plans[0], indent=2))
+    else:
+        click.echo(_plan_text(plans))
+
+
+@cli.command("serve")
+@click.argument("model")
+@click.option("--instances", type=int, default=1, show_default=True, help="Co-located vLLM instances.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Instance i listens on PORT+i.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--gpu", help="GPU type for sizing (--device cuda), e.g. H100-80GB.")
+@click.option("--max-model-len", type=int, default=2048, show_default=True)
+@click.option("--concurrency", type=int, default=16, show_default=True, help="Sequences per instance (max-num-seqs).")
+@click.option("--serve-python", envvar="SERVE_PRUNED_SERVE_PYTHON",
+              help="Python of the serving environment [default: .venv-serve/bin/python].")
+@click.option("--prompt", help="Send this prompt to every instance, print the completions, stop and exit.")
+@token_option
+@format_option
+@handle_errors
+def serve_cmd(model: str, instances: int, port: int, host: str, device: str, gpu: str | None, max_model_len: int,
+              concurrency: int, serve_python: str | None, prompt: str | None, token: str | None, fmt: str) -> None:
+    """Start INSTANCES co-located vLLM servers for MODEL (a packaged folder or REPO_ID@REVISION).
+
+    Sized in bytes by the planner and started one after another; Ctrl-C / SIGTERM stops them all.
+    """
+    from serve_pruned.serving.launch import Fleet, ServeOptions, plan_for, resolve_model_dir
+
+    opts = ServeOptions(model=model, instances=instances, port=port, host=host, device=device, gpu=gpu,
+                        max_model_len=max_model_len, concurrency=concurrency, serve_python=serve_python)
+    model_dir = resolve_model_dir(model, token=token, log=info)
+    the_plan = plan_for(opts, model_dir)
+    info(f"starting {the_plan.instances} instance(s) of {model_dir}, "
+         f"{the_plan.instance.total / (1 << 30):.2f} GiB each (planned)")
+    fleet = Fleet(model_dir, the_plan, opts).start(log=info)
+    listening = {"model": str(model_dir), "instances": fleet.describe(), "plan": the_plan.to_dict()}
+    if prompt is not None:
+        try:
+            listening["completions"] = [s.complete(prompt, max_tokens=24)["choices"][0]["text"]
+                                        for s in fleet.servers]
+        finally:
+            fleet.stop()
+        emit(listening, fmt, lambda d: "\n".join(f"{i['url']}: {prompt!r} -> {c!r}"
+                                                 for i, c in zip(d["instances"], d["completions"], strict=True)))
+        return
+    emit(listening, fmt, lambda d: "\n".join(f"instance {i['instance']}: {i['url']}" for i in d["instances"]))
+    sys.stdout.flush()
+    sys.exit(fleet.wait(log=info))
+
+
 def main() -> None:
     cli(prog_name="serve-pruned")
 

