@@ -14,7 +14,7 @@ VENV_MIRROR ?= .venv-mirror
 .PHONY: help setup setup-system setup-package setup-serve setup-mirror demo test test-fast lint bench clean
 
 help:
-	@echo "make demo       set up, then prune the bundled SmolLM2-135M-Instruct and serve it in vLLM"
+	@echo "make demo       set up, then prune + quantize the bundled SmolLM2-135M-Instruct and serve it in vLLM"
 	@echo "make test       set up, then run every test (unit, integration, vLLM)"
 	@echo "make test-fast  unit tests only (no real model, no vLLM)"
 	@echo "make bench      benchmarks -> docs/benchmarks.md"
@@ -36,17 +36,22 @@ setup-mirror:
 	@PYTHON=$(PYTHON) bash packaging/setup-env.sh mirror $(VENV_MIRROR)
 
 # The main job end to end on the bundled real model: materialize it, prune it to $(DEMO_TARGET) of its
-# parameters (calibrated on Python's HOWTOs and FAQ, evaluated on the tutorial), then serve the result in
-# stock vLLM and read its perplexity and a completion back through the OpenAI API.
+# parameters and quantize it to W8A8 (calibrated on Python's HOWTOs and FAQ, evaluated on the tutorial),
+# check its perplexity through stock vLLM, then serve it as two co-located instances sized in bytes and
+# show a completion from each.
 demo: setup
 	@set -euo pipefail; docs=$$(ls -d /usr/share/doc/python3*/html/_sources | head -n1); \
 	$(SP) example-model $(DEMO)/SmolLM2-135M-Instruct --overwrite >/dev/null; \
-	$(SP) package $(DEMO)/SmolLM2-135M-Instruct --out $(DEMO)/smollm2-p75 --overwrite \
-	  --target-params $(DEMO_TARGET) --calib $$docs/howto --calib $$docs/faq --num-samples 32 \
+	$(SP) package $(DEMO)/SmolLM2-135M-Instruct --out $(DEMO)/smollm2-p75-w8a8 --overwrite \
+	  --target-params $(DEMO_TARGET) --quant w8a8 --calib $$docs/howto --calib $$docs/faq --num-samples 32 \
 	  --eval-text $$docs/tutorial --eval-max-tokens 8192; \
-	echo; echo "== the pruned model served by stock vLLM ($(VENV_SERVE)) =="; \
-	$(SP) eval $(DEMO)/smollm2-p75 --backend vllm --text $$docs/tutorial --max-tokens 8192 \
-	  --prompt "The capital of France is" --prompt "def fibonacci(n):"
+	echo; echo "== perplexity through stock vLLM ($(VENV_SERVE)) =="; \
+	$(SP) eval $(DEMO)/smollm2-p75-w8a8 --backend vllm --text $$docs/tutorial --max-tokens 8192; \
+	echo; echo "== planned density =="; \
+	$(SP) plan $(DEMO)/smollm2-p75-w8a8 --gpu H100-80GB --max-model-len 4096 --concurrency 16; \
+	$(SP) plan $(DEMO)/smollm2-p75-w8a8 --gpu cpu --max-model-len 2048 --concurrency 16; \
+	echo; echo "== two co-located instances, one completion each =="; \
+	$(SP) serve $(DEMO)/smollm2-p75-w8a8 --instances 2 --port 8100 --prompt "The capital of France is"
 
 test: setup setup-mirror
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
@@ -60,6 +65,7 @@ lint: setup-package
 
 bench: setup
 	$(PY) bench/scorers.py
+	$(PY) bench/serving.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache
