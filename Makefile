@@ -51,7 +51,8 @@ demo: setup
 	$(SP) plan $(DEMO)/smollm2-p75-w8a8 --gpu H100-80GB --max-model-len 4096 --concurrency 16; \
 	$(SP) plan $(DEMO)/smollm2-p75-w8a8 --gpu cpu --max-model-len 2048 --concurrency 16; \
 	echo; echo "== two co-located instances, one completion each =="; \
-	$(SP) serve $(DEMO)/smollm2-p75-w8a8 --instances 2 --port 8100 --prompt "The capital of France is"
+	$(SP) serve $(DEMO)/smollm2-p75-w8a8 --instances 2 --port 8100 --metrics-port 9400 \
+	  --prompt "The capital of France is"
 
 test: setup setup-mirror
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)

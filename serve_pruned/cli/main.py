@@ -300,6 +300,29 @@ def plan_cmd(models: tuple[str, ...], device: str, max_model_len: int, concurren
         click.echo(_plan_text(plans))
 
 
+def _exporter_summary(url: str) -> str:
+    """Memory per instance and density, as the exporter reports them (for the demo and --prompt)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    gib = 1 << 30
+    lines = ["exporter:"]
+    for smp in fams["serve_pruned_instance_memory_bytes"].samples:
+        lines.append(f"  {smp.labels['instance']:<16} {smp.labels['kind']:<12} {smp.value / gib:6.2f} GiB")
+    for smp in fams["serve_pruned_instance_predicted_memory_bytes"].samples:
+        lines.append(f"  {smp.labels['instance']:<16} {'predicted':<12} {smp.value / gib:6.2f} GiB")
+    for name, label in (("serve_pruned_gpu_instances", "instances resident"),
+                        ("serve_pruned_gpu_memory_headroom_bytes", "headroom (GiB)"),
+                        ("serve_pruned_gpu_additional_instances", "more would fit")):
+        for smp in fams[name].samples:
+            value = smp.value / gib if name.endswith("bytes") else smp.value
+            lines.append(f"  {smp.labels['gpu']:<16} {label:<18} {value:g}")
+    return "\n".join(lines)
+
+
 @cli.command("serve")
 @click.argument("model")
 @click.option("--instances", type=int, default=1, show_default=True, help="Co-located vLLM instances.")
@@ -312,11 +335,13 @@ def plan_cmd(models: tuple[str, ...], device: str, max_model_len: int, concurren
 @click.option("--serve-python", envvar="SERVE_PRUNED_SERVE_PYTHON",
               help="Python of the serving environment [default: .venv-serve/bin/python].")
 @click.option("--prompt", help="Send this prompt to every instance, print the completions, stop and exit.")
+@click.option("--metrics-port", type=int, help="Also run the Prometheus exporter for these instances on this port.")
 @token_option
 @format_option
 @handle_errors
 def serve_cmd(model: str, instances: int, port: int, host: str, device: str, gpu: str | None, max_model_len: int,
-              concurrency: int, serve_python: str | None, prompt: str | None, token: str | None, fmt: str) -> None:
+              concurrency: int, serve_python: str | None, prompt: str | None, metrics_port: int | None,
+              token: str | None, fmt: str) -> None:
     """Start INSTANCES co-located vLLM servers for MODEL (a packaged folder or REPO_ID@REVISION).
 
     Sized in bytes by the planner and started one after another; Ctrl-C / SIGTERM stops them all.
@@ -330,19 +355,58 @@ def serve_cmd(model: str, instances: int, port: int, host: str, device: str, gpu
     info(f"starting {the_plan.instances} instance(s) of {model_dir}, "
          f"{the_plan.instance.total / (1 << 30):.2f} GiB each (planned)")
     fleet = Fleet(model_dir, the_plan, opts).start(log=info)
-    listening = {"model": str(model_dir), "instances": fleet.describe(), "plan": the_plan.to_dict()}
+    listening: dict[str, Any] = {"model": str(model_dir), "instances": fleet.describe(), "plan": the_plan.to_dict()}
+    exporter = None
+    if metrics_port is not None:
+        from serve_pruned.metrics.exporter import Target
+        from serve_pruned.metrics.server import start_exporter
+
+        targets = [Target(url=s.url, model_dir=str(model_dir), name=f"{host}:{s.port}",
+                          pid=s.proc.pid if s.proc else None, gpu="cpu" if device == "cpu" else "0")
+                   for s in fleet.servers]
+        exporter, _registry = start_exporter(targets, host=host, port=metrics_port, max_model_len=max_model_len,
+                                             concurrency=concurrency, device="cpu" if device == "cpu" else gpu or "")
+        listening["metrics"] = f"http://{host}:{metrics_port}/metrics"
+        info(f"exporter at {listening['metrics']}")
     if prompt is not None:
         try:
             listening["completions"] = [s.complete(prompt, max_tokens=24)["choices"][0]["text"]
                                         for s in fleet.servers]
+            if exporter is not None:
+                info(_exporter_summary(listening["metrics"]))
         finally:
             fleet.stop()
+            if exporter is not None:
+                exporter.shutdown()
         emit(listening, fmt, lambda d: "\n".join(f"{i['url']}: {prompt!r} -> {c!r}"
                                                  for i, c in zip(d["instances"], d["completions"], strict=True)))
         return
     emit(listening, fmt, lambda d: "\n".join(f"instance {i['instance']}: {i['url']}" for i in d["instances"]))
     sys.stdout.flush()
     sys.exit(fleet.wait(log=info))
+
+
+@cli.group("metrics")
+def metrics_group() -> None:
+    """Prometheus metrics: memory per instance and GPU co-location density."""
+
+
+@metrics_group.command("exporter")
+@click.option("--targets", "targets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="YAML list of {url, model_dir, name?, pid?, gpu?} (serve writes one).")
+@click.option("--port", type=int, default=9400, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--timeout", type=float, default=2.0, show_default=True, help="Per-target scrape timeout (s).")
+@click.option("--max-model-len", type=int, default=2048, show_default=True, help="For the planner's prediction.")
+@click.option("--concurrency", type=int, default=16, show_default=True, help="For the planner's prediction.")
+@handle_errors
+def metrics_exporter_cmd(targets_file: Path, port: int, host: str, timeout: float, max_model_len: int,
+                         concurrency: int) -> None:
+    """Serve serve_pruned_* metrics for the vLLM instances in --targets until interrupted."""
+    from serve_pruned.metrics.server import run_exporter
+
+    run_exporter(targets_file, host=host, port=port, timeout=timeout, max_model_len=max_model_len,
+                 concurrency=concurrency, log=info)
 
 
 def main() -> None:
