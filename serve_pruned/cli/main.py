@@ -311,9 +311,9 @@ def _exporter_summary(url: str) -> str:
     gib = 1 << 30
     lines = ["exporter:"]
     for smp in fams["serve_pruned_instance_memory_bytes"].samples:
-        lines.append(f"  {smp.labels['instance']:<16} {smp.labels['kind']:<12} {smp.value / gib:6.2f} GiB")
+        lines.append(f"  {smp.labels['vllm_instance']:<16} {smp.labels['kind']:<12} {smp.value / gib:6.2f} GiB")
     for smp in fams["serve_pruned_instance_predicted_memory_bytes"].samples:
-        lines.append(f"  {smp.labels['instance']:<16} {'predicted':<12} {smp.value / gib:6.2f} GiB")
+        lines.append(f"  {smp.labels['vllm_instance']:<16} {'predicted':<12} {smp.value / gib:6.2f} GiB")
     for name, label in (("serve_pruned_gpu_instances", "instances resident"),
                         ("serve_pruned_gpu_memory_headroom_bytes", "headroom (GiB)"),
                         ("serve_pruned_gpu_additional_instances", "more would fit")):

@@ -35,7 +35,8 @@ class Target:
     """One vLLM instance to watch.
 
     Attributes:
-        name: the ``instance`` label (defaults to the URL's host:port).
+        name: the ``vllm_instance`` label (defaults to the URL's host:port). Not ``instance``: Prometheus
+            owns that label (the scrape target) and would rename ours to ``exported_instance``.
         url: base URL of the vLLM server.
         model_dir: the packaged folder it serves (manifest, config) -- the ``model`` label is its name.
         pid: the server's process id (RSS and NVML per-process memory), when known.
@@ -202,16 +203,16 @@ class ExporterCollector(Collector):
         def g(name: str, doc: str, labels: list[str], unit: str = "") -> GaugeMetricFamily:
             return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels, unit=unit)
 
-        up = g("instance_up", "1 when the vLLM instance answered /metrics", ["instance", "model"])
-        dur = g("instance_scrape_duration_seconds", "Time to scrape the instance's /metrics", ["instance"])
+        up = g("instance_up", "1 when the vLLM instance answered /metrics", ["vllm_instance", "model"])
+        dur = g("instance_scrape_duration_seconds", "Time to scrape the instance's /metrics", ["vllm_instance"])
         mem = g("instance_memory_bytes", "Memory of the instance by kind: weights and kv_cache (manifest, vLLM), "
-                "process_gpu (NVML), process_rss (OS)", ["instance", "model", "kind"])
-        pred = g("instance_predicted_memory_bytes", "Planner's bytes for one instance", ["instance", "model"])
+                "process_gpu (NVML), process_rss (OS)", ["vllm_instance", "model", "kind"])
+        pred = g("instance_predicted_memory_bytes", "Planner's bytes for one instance", ["vllm_instance", "model"])
         meas = g("instance_measured_memory_bytes", "Measured bytes of the instance: NVML per-process GPU memory "
-                 "where present, else RSS", ["instance", "model", "source"])
-        kvu = g("instance_kv_cache_usage_ratio", "Share of the KV cache in use (vLLM)", ["instance", "model"])
-        run = g("instance_requests_running", "Requests running (vLLM)", ["instance", "model"])
-        wait = g("instance_requests_waiting", "Requests waiting (vLLM)", ["instance", "model"])
+                 "where present, else RSS", ["vllm_instance", "model", "source"])
+        kvu = g("instance_kv_cache_usage_ratio", "Share of the KV cache in use (vLLM)", ["vllm_instance", "model"])
+        run = g("instance_requests_running", "Requests running (vLLM)", ["vllm_instance", "model"])
+        wait = g("instance_requests_waiting", "Requests waiting (vLLM)", ["vllm_instance", "model"])
         ratio = g("model_params_ratio", "Parameters kept by pruning (1 = not pruned)", ["model"])
         wratio = g("model_weight_bytes_ratio", "Weight bytes over the original's", ["model"])
         quant = g("model_info", "Served model: quantization scheme and kind", ["model", "quantization", "kind"])

@@ -112,17 +112,17 @@ def test_exporter_survives_dead_malformed_and_slow_targets(fake_vllms, tmp_path)
     t = time.perf_counter()
     series = _series(registry)
     assert time.perf_counter() - t < 2.0  # targets are scraped concurrently, each bounded by its timeout
-    up = {n: _get(series, "serve_pruned_instance_up", instance=n, model="smol-w8a8")
+    up = {n: _get(series, "serve_pruned_instance_up", vllm_instance=n, model="smol-w8a8")
           for n in ("good", "down", "garbled", "slow")}
     assert up == {"good": 1.0, "down": 0.0, "garbled": 1.0, "slow": 0.0}
-    kinds = {k: _get(series, "serve_pruned_instance_memory_bytes", instance="good", model="smol-w8a8", kind=k)
+    kinds = {k: _get(series, "serve_pruned_instance_memory_bytes", vllm_instance="good", model="smol-w8a8", kind=k)
              for k in ("weights", "kv_cache", "process_rss", "process_gpu")}
     assert kinds["weights"] == 126_000_000 and kinds["kv_cache"] == 1 << 30 and kinds["process_gpu"] is None
     own_rss = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/self/status").read_text().splitlines()
                    if ln.startswith("VmRSS:"))
     assert kinds["process_rss"] == pytest.approx(own_rss, rel=0.2)  # this test process (no children)
-    assert _get(series, "serve_pruned_instance_kv_cache_usage_ratio", instance="garbled", model="smol-w8a8") is None
-    assert _get(series, "serve_pruned_instance_predicted_memory_bytes", instance="good", model="smol-w8a8") == 3 << 30
+    assert _get(series, "serve_pruned_instance_kv_cache_usage_ratio", vllm_instance="garbled", model="smol-w8a8") is None
+    assert _get(series, "serve_pruned_instance_predicted_memory_bytes", vllm_instance="good", model="smol-w8a8") == 3 << 30
     assert _get(series, "serve_pruned_gpu_instances", gpu="cpu", node="n1") == 2.0
     assert _get(series, "serve_pruned_gpu_memory_headroom_bytes", gpu="cpu", node="n1") == 14 << 30
     assert _get(series, "serve_pruned_gpu_additional_instances", gpu="cpu", node="n1", model="smol-w8a8") == 4.0
@@ -140,6 +140,7 @@ def test_metric_names_follow_conventions(fake_vllms, tmp_path):
         assert fam.name.startswith("serve_pruned_")
         assert fam.type == "gauge" and not fam.name.endswith("_total")
         assert not any(u in fam.name for u in ("_mb", "_gb", "_kib", "_ms", "_percent"))  # base units only
+        assert all("instance" not in s.labels and "job" not in s.labels for s in fam.samples)  # Prometheus' own
 
 
 def test_targets_file(tmp_path):
