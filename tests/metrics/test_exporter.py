@@ -121,8 +121,9 @@ def test_exporter_survives_dead_malformed_and_slow_targets(fake_vllms, tmp_path)
     own_rss = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/self/status").read_text().splitlines()
                    if ln.startswith("VmRSS:"))
     assert kinds["process_rss"] == pytest.approx(own_rss, rel=0.2)  # this test process (no children)
-    assert _get(series, "serve_pruned_instance_kv_cache_usage_ratio", vllm_instance="garbled", model="smol-w8a8") is None
-    assert _get(series, "serve_pruned_instance_predicted_memory_bytes", vllm_instance="good", model="smol-w8a8") == 3 << 30
+    model = {"model": "smol-w8a8"}
+    assert _get(series, "serve_pruned_instance_kv_cache_usage_ratio", vllm_instance="garbled", **model) is None
+    assert _get(series, "serve_pruned_instance_predicted_memory_bytes", vllm_instance="good", **model) == 3 << 30
     assert _get(series, "serve_pruned_gpu_instances", gpu="cpu", node="n1") == 2.0
     assert _get(series, "serve_pruned_gpu_memory_headroom_bytes", gpu="cpu", node="n1") == 14 << 30
     assert _get(series, "serve_pruned_gpu_additional_instances", gpu="cpu", node="n1", model="smol-w8a8") == 4.0
