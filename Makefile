@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 VENV_MIRROR ?= .venv-mirror
 
-.PHONY: help setup setup-system setup-package setup-serve setup-mirror demo test test-fast lint bench clean
+.PHONY: help setup setup-system setup-package setup-serve setup-mirror setup-node demo test test-fast lint bench clean
 
 help:
 	@echo "make demo       set up, then prune + quantize the bundled SmolLM2-135M-Instruct and serve it in vLLM"
@@ -30,6 +30,11 @@ setup-package:
 
 setup-serve:
 	@PYTHON=$(PYTHON) bash packaging/setup-env.sh serve $(VENV_SERVE)
+
+# tests only: Grafana's published dashboard types, to type-check deploy/grafana/serve-pruned.json
+setup-node:
+	@[ -x deploy/grafana/schema-check/node_modules/.bin/tsc ] || \
+	  npm ci --prefix deploy/grafana/schema-check --no-audit --no-fund --ignore-scripts --silent
 
 # tests only: olah serves a Hugging Face mirror for the pull-through-a-mirror test
 setup-mirror:
@@ -54,7 +59,7 @@ demo: setup
 	$(SP) serve $(DEMO)/smollm2-p75-w8a8 --instances 2 --port 8100 --metrics-port 9400 \
 	  --prompt "The capital of France is"
 
-test: setup setup-mirror
+test: setup setup-mirror setup-node
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 test-fast: setup-package

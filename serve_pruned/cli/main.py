@@ -409,6 +409,22 @@ def metrics_exporter_cmd(targets_file: Path, port: int, host: str, timeout: floa
                  concurrency=concurrency, log=info)
 
 
+@metrics_group.command("dashboard")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+@handle_errors
+def metrics_dashboard_cmd(output: Path | None) -> None:
+    """Print (or write) the Grafana dashboard JSON for the exporter's series."""
+    from serve_pruned.atomic import atomic_write_text
+    from serve_pruned.metrics.dashboard import dashboard
+
+    text = json.dumps(dashboard(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
+        info(f"wrote {output}")
+
+
 def main() -> None:
     cli(prog_name="serve-pruned")
 
