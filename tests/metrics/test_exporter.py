@@ -38,8 +38,10 @@ def test_parse_recorded_page():
 
 
 def test_malformed_page_is_an_error():
-    with pytest.raises(MetricsFormatError):
+    with pytest.raises(MetricsFormatError, match="not Prometheus text format"):
         parse("vllm:num_requests_running{engine=\"0\" 1\n")
+    with pytest.raises(MetricsFormatError, match="none of the vLLM 0.32 metrics"):
+        parse("this is { not prometheus\nvllm:renamed_requests_running 1\n")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
