@@ -106,22 +106,18 @@ def hub_errors(repo_id: str, token: str | None, *, what: str) -> Iterator[None]:
 
     try:
         yield
-    except RevisionNotFoundError as exc:
-        raise HubRepoNotFoundError(f"{repo_id}: revision not found while trying to {what}", repo_id=repo_id,
-                                   hint="list the repo's branches and tags on the Hub, or omit @REVISION") from exc
-    except RepositoryNotFoundError as exc:
+    except HfHubHTTPError as exc:  # RepositoryNotFoundError and RevisionNotFoundError are subclasses
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
             raise HubAuthError(f"the Hub refused the token ({status}) while trying to {what} {repo_id}",
                                repo_id=repo_id) from exc
-        raise HubRepoNotFoundError(f"Hub repo {repo_id} not found (or private) while trying to {what}",
-                                   repo_id=repo_id,
-                                   hint="check the repo id, or set HF_TOKEN for a private repo") from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise HubAuthError(f"the Hub refused the token ({status}) while trying to {what} {repo_id}",
-                               repo_id=repo_id) from exc
+        if isinstance(exc, RevisionNotFoundError):
+            raise HubRepoNotFoundError(f"{repo_id}: revision not found while trying to {what}", repo_id=repo_id,
+                                       hint="list the repo's branches and tags on the Hub, or omit @REVISION") from exc
+        if isinstance(exc, RepositoryNotFoundError):
+            raise HubRepoNotFoundError(f"Hub repo {repo_id} not found (or private) while trying to {what}",
+                                       repo_id=repo_id,
+                                       hint="check the repo id, or set HF_TOKEN for a private repo") from exc
         first = _scrub(str(exc), token).splitlines()[0][:300]
         raise HubError(f"could not {what} {repo_id}: {first}", repo_id=repo_id,
                        hint="retry; check HF_ENDPOINT if you use a mirror") from exc
