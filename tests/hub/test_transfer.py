@@ -15,6 +15,7 @@ import pytest
 from conftest import GOOD_TOKEN
 
 from serve_pruned.manifest import MANIFEST_NAME, read_manifest
+from serve_pruned.serving.vllm import free_port
 
 EXE = str(Path(sys.executable).parent / "serve-pruned")
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,19 +197,13 @@ def test_package_push(hub, tiny_models, text_files, tmp_path):
     assert hub.refs(REPO)["tags"]["v1"] == report["push"]["commit_sha"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pull_through_an_olah_mirror(hub, variants, tmp_path):
     """olah (a real Hugging Face mirror server) in front of the Hub: HF_ENDPOINT points at the mirror."""
     python = ROOT / ".venv-mirror/bin/python"
     if not python.exists():
         pytest.fail("olah is not installed: run `make setup-mirror`")
     assert cli(hub, tmp_path / "home", "push", str(variants["a"]), REPO).returncode == 0
-    port = _free_port()
+    port = free_port()
     hub_netloc = hub.url.removeprefix("http://")
     mirror = subprocess.Popen(
         [str(python), "-m", "olah.server", "--host", "127.0.0.1", "--port", str(port), "--hf-scheme", "http",
