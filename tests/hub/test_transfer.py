@@ -228,3 +228,19 @@ def test_pull_through_an_olah_mirror(hub, variants, tmp_path):
     finally:
         mirror.terminate()
         mirror.wait(timeout=10)
+
+
+def test_serve_resolves_repo_at_revision_by_a_verified_pull(hub_env, variants, tmp_path, monkeypatch):
+    """`serve-pruned serve owner/name@rev` pulls (verified) into the cache once, then reuses it."""
+    from serve_pruned.hub.transfer import push
+    from serve_pruned.serving.launch import resolve_model_dir
+
+    monkeypatch.setenv("SERVE_PRUNED_CACHE", str(tmp_path / "cache"))
+    pushed = push(variants["a"], REPO, tag="v1", token=GOOD_TOKEN)
+    path = resolve_model_dir(f"{REPO}@v1", token=GOOD_TOKEN)
+    assert path == tmp_path / "cache" / "pulled" / "alice--smol-pruned@v1"
+    assert sha_tree(path) == sha_tree(variants["a"])
+    n = len(hub_env.request_log)
+    assert resolve_model_dir(f"{REPO}@v1", token=GOOD_TOKEN) == path
+    assert len(hub_env.request_log) == n  # served from the verified copy, no new download
+    assert pushed.tag == "v1"
