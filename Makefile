@@ -72,6 +72,7 @@ lint: setup-package
 bench: setup
 	$(PY) bench/scorers.py
 	$(PY) bench/serving.py
+	$(PY) bench/refit.py
 	$(PY) bench/exporter_scrape.py
 
 clean:

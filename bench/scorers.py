@@ -47,7 +47,8 @@ def main() -> None:
         for scorer in args.scorers.split(","):
             t = time.perf_counter()
             opts = PackageOptions(model=str(base), out=Path(tmp) / scorer, target_params=args.target, scorer=scorer,
-                                  calib=(str(DOCS / "howto"), str(DOCS / "faq")), num_samples=args.num_samples)
+                                  calib=(str(DOCS / "howto"), str(DOCS / "faq")), num_samples=args.num_samples,
+                                  refit=False)
             result = package(opts, progress=False, log=lambda m: print(m, file=sys.stderr))
             elapsed = time.perf_counter() - t
             m = result.manifest

@@ -86,7 +86,7 @@ def main() -> None:
         folders = {"original bf16": base}
         for label, quant in (("pruned bf16", "none"), ("pruned + W8A8", "w8a8"), ("pruned + W4A16", "w4a16")):
             opts = PackageOptions(model=str(base), out=Path(tmp) / quant, target_params=args.target, quant=quant,
-                                  calib=calib, num_samples=32)
+                                  calib=calib, num_samples=32, refit=False)
             folders[label] = package(opts, progress=False, log=lambda m: print(m, file=sys.stderr)).out
         ids = eval_tokens(load_tokenizer(base, trust_remote_code=False), read_sources([str(DOCS / "tutorial")]),
                           max_tokens=args.eval_tokens)

@@ -37,6 +37,7 @@ class PackageOptions(BaseModel):
     max_candidates: int = Field(12, ge=1)
     search_samples: int = Field(4, ge=1)
 
+    refit: bool = True
     quant: Literal["none", "w8a8", "w4a16", "fp8"] = "none"
     group_size: int | None = Field(None, ge=1)
 

@@ -140,6 +140,9 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--multiple-of", type=int, default=64, show_default=True,
               help="FFN sizes are multiples of this (keeps W4A16 group sizes dividing).")
 @click.option("--max-candidates", type=int, default=12, show_default=True, help="Shapes tried by the search.")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="After FFN pruning, refit each down_proj by least squares so every MLP reproduces the original's "
+              "output on the calibration text (closed form, no gradient steps).")
 @click.option("--quant", type=click.Choice(["none", "w8a8", "w4a16", "fp8"]), default="none", show_default=True,
               help="Quantize with llmcompressor into compressed-tensors (w8a8: SmoothQuant+GPTQ INT8; "
               "w4a16: GPTQ INT4; fp8: FP8_DYNAMIC).")

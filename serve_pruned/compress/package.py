@@ -238,6 +238,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
 
     chosen, sel = candidates[0], None
     search: list[dict[str, Any]] = []
+    recovery: dict[str, Any] = {}
     pruned, new_cfg = model, dict(src.config)
     if prune:
         t = time.perf_counter()
@@ -260,6 +261,19 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
         pruned, new_cfg = prune_model(model, src.config, before, chosen.shape, sel)
         timings["prune_s"] = time.perf_counter() - t
         log(f"pruned to {chosen.shape.to_dict()} = {chosen.fraction:.3f} of the parameters")
+        if opts.refit and samples is not None and chosen.shape.intermediate_size < before.intermediate_size:
+            from serve_pruned.compress.refit import refit_down_proj
+
+            t = time.perf_counter()
+            bar = _progress(chosen.shape.num_layers, "refitting down_proj (least squares)", progress)
+            try:
+                recovery["refit"] = refit_down_proj(pruned, model, sel.layers, samples, batch_size=opts.batch_size,
+                                                    progress=bar)
+            finally:
+                bar.close()
+            timings["refit_s"] = time.perf_counter() - t
+            log(f"refit down_proj: MLP reconstruction error {recovery['refit']['mlp_rel_error_before']:.3f} -> "
+                f"{recovery['refit']['mlp_rel_error_after']:.3f}")
 
     quality: dict[str, Any] = {}
     ids: list[int] = []
@@ -332,6 +346,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
             "kv_cache_bytes_per_token": chosen.shape.kv_cache_bytes_per_token(dtype_bytes),
             "kv_cache_bytes_per_token_before": before.kv_cache_bytes_per_token(dtype_bytes),
             "pruning": {"scorer": opts.scorer, **sel.summary(), "shape_search": search} if sel else None,
+            "recovery": recovery,
             "options": opts.public(),
             "quality": quality,
             "timings_s": {k: round(v, 2) for k, v in timings.items()},

@@ -64,6 +64,9 @@ def test_package_json_report_and_manifest(packaged):
     q = manifest["quality"]
     assert q["pruned"]["perplexity"] > 1 and q["original"]["perplexity"] > 1 and 0 <= q["pruned"]["top1_agreement"] <= 1
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
+    if after["intermediate_size"] < manifest["shape_before"]["intermediate_size"]:  # FFN pruned: refit ran
+        refit = manifest["recovery"]["refit"]
+        assert refit["mlp_rel_error_after"] < refit["mlp_rel_error_before"]
     assert verify_files(out, manifest) == []
     assert manifest["weight_bytes"] == (out / "model.safetensors").stat().st_size
     assert manifest["tool_versions"]["torch"] and manifest["source"]["fingerprint"]
