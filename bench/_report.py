@@ -1,4 +1,4 @@
-"""Shared bits of the benchmarks: machine description and writing a section of docs/benchmarks.md."""
+"""Shared bits of the benchmarks: local texts, machine description, writing a section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+# Local text shared by the benchmarks: Python's docs (Debian python3-doc) -- HOWTOs and FAQ to
+# calibrate, the tutorial to evaluate -- and a licence as out-of-domain text.
+DOCS = next(Path("/usr/share/doc").glob("python3*/html/_sources"))
+OOD = Path("/usr/share/common-licenses/GPL-3")
 HEADER = """# Benchmarks
 
 Every figure here was written by a script under `bench/`, together with the command that made it.

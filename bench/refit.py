@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import write_section  # noqa: E402
+from _report import DOCS, OOD, write_section  # noqa: E402
 
 from serve_pruned.compress.data import calibration_samples, eval_tokens, read_sources  # noqa: E402
 from serve_pruned.compress.evaluate import evaluate  # noqa: E402
@@ -25,9 +25,6 @@ from serve_pruned.compress.model_io import load_model, load_tokenizer  # noqa: E
 from serve_pruned.compress.prune import prune_model  # noqa: E402
 from serve_pruned.compress.refit import refit_down_proj  # noqa: E402
 from serve_pruned.compress.shapes import Shape  # noqa: E402
-
-DOCS = next(Path("/usr/share/doc").glob("python3*/html/_sources"))
-OOD = Path("/usr/share/common-licenses/GPL-3")
 
 
 def main() -> None:

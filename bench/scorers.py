@@ -18,15 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import write_section  # noqa: E402
+from _report import DOCS, OOD, write_section  # noqa: E402
 
 from serve_pruned.compress.evaluate import evaluate_folder  # noqa: E402
 from serve_pruned.compress.example_model import materialize  # noqa: E402
 from serve_pruned.compress.package import package  # noqa: E402
 from serve_pruned.options import PackageOptions  # noqa: E402
-
-DOCS = next(Path("/usr/share/doc").glob("python3*/html/_sources"))
-OOD = Path("/usr/share/common-licenses/GPL-3")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import write_section  # noqa: E402
+from _report import DOCS, write_section  # noqa: E402
 
 from serve_pruned.compress.data import eval_tokens, read_sources  # noqa: E402
 from serve_pruned.compress.evaluate import windows  # noqa: E402
@@ -29,7 +29,6 @@ from serve_pruned.compress.package import package  # noqa: E402
 from serve_pruned.options import PackageOptions  # noqa: E402
 from serve_pruned.serving.vllm import VLLMServer, free_port  # noqa: E402
 
-DOCS = next(Path("/usr/share/doc").glob("python3*/html/_sources"))
 PROMPT = "Python is a programming language that"
 
 
