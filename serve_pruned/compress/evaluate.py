@@ -121,8 +121,7 @@ def evaluate_folder(
     from tqdm.auto import tqdm
 
     from serve_pruned.compress.data import eval_tokens, fingerprint_sources, read_sources
-    from serve_pruned.compress.model_io import load_model, load_tokenizer, resolve_model
-    from serve_pruned.compress.package import quiet_transformers
+    from serve_pruned.compress.model_io import load_model, load_tokenizer, quiet_transformers, resolve_model
 
     quiet_transformers(progress)
 

@@ -202,3 +202,11 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool) -> Any:
             path=str(path),
             hint="save the tokenizer into the model folder (tokenizer.save_pretrained(DIR))",
         ) from exc
+
+
+def quiet_transformers(progress: bool) -> None:
+    """Without progress bars, transformers' own ("Loading weights", "Writing shards") go too."""
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

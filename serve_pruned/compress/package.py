@@ -26,7 +26,13 @@ from serve_pruned.compress.data import (
     fingerprint_sources,
     read_sources,
 )
-from serve_pruned.compress.model_io import ModelSource, load_model, load_tokenizer, resolve_model
+from serve_pruned.compress.model_io import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_model,
+)
 from serve_pruned.compress.shapes import Candidate, Shape, count_params, plan_shapes
 from serve_pruned.errors import CalibrationDataError, InvalidTargetError, MissingExtraError
 from serve_pruned.manifest import sha256_file, write_manifest
@@ -54,14 +60,6 @@ class PackageResult:
     out: Path
     manifest: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def quiet_transformers(progress: bool) -> None:
-    """Without progress bars, transformers' own ("Loading weights", "Writing shards") go too."""
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 def _require_torch() -> None:
