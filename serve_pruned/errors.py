@@ -179,3 +179,23 @@ class ChecksumMismatchError(ServePrunedError, ValueError):
         )
         self.files = files
         self.repo_id = repo_id
+
+
+class ManifestCheckError(ServePrunedError, ValueError):
+    """Kubernetes manifests that break a rule linters miss (GPU limit != request, no /dev/shm, bytes over budget)."""
+
+    def __init__(self, findings: list[str], *, hint: str | None = None) -> None:
+        shown = "; ".join(findings[:3]) + (f" (and {len(findings) - 3} more)" if len(findings) > 3 else "")
+        super().__init__(f"{len(findings)} manifest check(s) failed: {shown}",
+                         hint=hint if hint is not None else "fix the spec (or the chart values) and render again")
+        self.findings = findings
+
+
+class KubectlError(ServePrunedError, RuntimeError):
+    """kubectl is missing, no cluster answers, or the API server refused the objects."""
+
+    def __init__(self, message: str, *, argv: list[str], returncode: int | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.argv = argv
+        self.returncode = returncode

@@ -428,6 +428,11 @@ def metrics_dashboard_cmd(output: Path | None) -> None:
         info(f"wrote {output}")
 
 
+from serve_pruned.cli.deploy import deploy_group  # noqa: E402 - it imports this module's helpers
+
+cli.add_command(deploy_group)
+
+
 def main() -> None:
     cli(prog_name="serve-pruned")
 

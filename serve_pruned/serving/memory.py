@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_pruned.errors import ManifestError, UsageError
+from serve_pruned.serving.flags import VLLM_FLAGS
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -225,10 +226,10 @@ def plan(fp: ModelFootprint, *, device: str, max_model_len: int, concurrency: in
         raise UsageError(
             f"{n} instances need {n * inst.total / GIB:.2f} GiB; {device} offers {usable / GIB:.2f} GiB "
             f"(at most {fits} fit)", hint="lower --instances, --max-model-len or --concurrency")
-    inst.flags = {"--max-model-len": str(max_model_len), "--max-num-seqs": str(concurrency)}
+    inst.flags = {VLLM_FLAGS["max_model_len"]: str(max_model_len), VLLM_FLAGS["max_num_seqs"]: str(concurrency)}
     if device != "cpu":
-        inst.flags["--kv-cache-memory-bytes"] = str(inst.kv_cache)
-        inst.flags["--gpu-memory-utilization"] = f"{math.ceil(100 * inst.total / total) / 100:.2f}"
+        inst.flags[VLLM_FLAGS["kv_cache_memory_bytes"]] = str(inst.kv_cache)
+        inst.flags[VLLM_FLAGS["gpu_memory_utilization"]] = f"{math.ceil(100 * inst.total / total) / 100:.2f}"
     original_n = None
     if fp.original is not None:
         orig = instance_bytes(fp.original, max_model_len=max_model_len, concurrency=concurrency, backend=backend)

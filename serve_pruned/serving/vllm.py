@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_pruned.errors import ServingEnvironmentError, VLLMStartError
+from serve_pruned.serving.flags import vllm_args
 
 SERVE_PYTHON_ENV = "SERVE_PRUNED_SERVE_PYTHON"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -120,9 +121,9 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         python = self.serve_python or find_serve_python()
-        return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
-                "--max-model-len", str(self.max_model_len), "--enforce-eager", *self.args]
+        return [str(python), "-m", "vllm.entrypoints.openai.api_server",
+                *vllm_args({"model": self.model, "host": self.host, "port": self.port, "dtype": self.dtype,
+                            "max_model_len": self.max_model_len, "enforce_eager": True}), *self.args]
 
     def start(self, *, timeout: float = 300.0) -> VLLMServer:
         """Start and wait for /health; raise VLLMStartError with the reason from vLLM's log."""
