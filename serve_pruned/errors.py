@@ -181,6 +181,19 @@ class ChecksumMismatchError(ServePrunedError, ValueError):
         self.repo_id = repo_id
 
 
+class OptionError(UsageError):
+    """An option (CLI flag or recipe key) that is unknown, out of range, or impossible with another one."""
+
+    def __init__(self, message: str, *, field: str, source: str | None = None, hint: str | None = None) -> None:
+        if source and source.startswith("--"):  # the flag names the field
+            where = f"{source}: "
+        else:
+            where = f"{source}: {field}: " if source else f"{field}: "
+        super().__init__(f"{where}{message}", hint=hint)
+        self.field = field
+        self.source = source
+
+
 class ManifestCheckError(ServePrunedError, ValueError):
     """Kubernetes manifests that break a rule linters miss (GPU limit != request, no /dev/shm, bytes over budget)."""
 

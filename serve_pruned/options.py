@@ -1,11 +1,19 @@
-"""Validated options, built once at the boundary (CLI flags today, recipe files too)."""
+"""Validated options, built once at the boundary: a recipe file (YAML) and CLI flags build the same object.
+
+A recipe holds the same keys as `serve-pruned package`'s long options (``target_params`` or
+``target-params``), like vLLM's ``--config``; flags given on the command line override it. Everything
+is checked here, before any weight is loaded: unknown keys, values out of range and combinations that
+cannot work are rejected with the field named.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve_pruned.errors import OptionError
 
 
 class PackageOptions(BaseModel):
@@ -18,6 +26,8 @@ class PackageOptions(BaseModel):
     revision: str | None = None
     trust_remote_code: bool = False
     overwrite: bool = False
+    base_model: str | None = Field(None, description="Hub id for the model card (default: the source's)")
+    license: str | None = Field(None, description="licence id for the model card (default: the source's)")
 
     calib: tuple[str, ...] = ()
     text_field: str = "text"
@@ -37,17 +47,144 @@ class PackageOptions(BaseModel):
     max_candidates: int = Field(12, ge=1)
     search_samples: int = Field(4, ge=1)
 
+    # recovery: closed-form refit, then logit distillation from the original, after every pruning step
     refit: bool = True
+    recover: bool = True
+    schedule: Literal["iterative", "one-shot"] = "iterative"
+    prune_step: float = Field(0.125, gt=0.0, le=1.0, description="fraction of the ORIGINAL parameters per step")
+    distill_steps: int = Field(200, ge=0, description="optimizer steps in all, spread over the pruning steps")
+    distill_lr: float = Field(1e-4, gt=0.0)
+    distill_batch_size: int = Field(4, ge=1)
+    distill_seq_len: int = Field(256, ge=16)
+    distill_samples: int = Field(512, ge=1, description="windows of calibration text the distillation draws from")
+    distill_temperature: float = Field(1.0, gt=0.0)
+    distill_hidden_weight: float = Field(0.0, ge=0.0)
+    distill_dtype: Literal["float32", "bfloat16"] = "float32"
+    distill_time_budget_s: float | None = Field(None, gt=0.0, description="stop distilling after this long")
+    checkpoint_dir: Path | None = None
+
     quant: Literal["none", "w8a8", "w4a16", "fp8"] = "none"
     group_size: int | None = Field(None, ge=1)
 
     eval_text: tuple[str, ...] = ()
     eval_max_tokens: int = Field(16384, ge=2)
     eval_seq_len: int = Field(512, ge=2)
+    eval_ood_text: tuple[str, ...] = ()
     eval_baseline: bool = True
+    eval_prompts: tuple[str, ...] | None = None
+
+    @property
+    def prunes(self) -> bool:
+        return (self.target_params is not None or self.drop_layers > 0
+                or any(v is not None for v in (self.keep_heads, self.keep_kv_heads, self.keep_ffn)))
+
+    @property
+    def distills(self) -> bool:
+        return self.prunes and self.recover and self.distill_steps > 0
+
+    @model_validator(mode="after")
+    def _combinations(self) -> PackageOptions:
+        if self.group_size is not None and self.quant != "w4a16":
+            raise ValueError(f"group_size: only applies to quant w4a16, not {self.quant!r}")
+        t = self.target_params
+        if t is not None and (not 0.0 < t <= 1.0 or t != t):
+            raise ValueError(f"target_params: must be a fraction in (0, 1), got {t}")
+        if t == 1.0:
+            raise ValueError("target_params: 1.0 is already met by the original model: nothing would be pruned")
+        if self.distills and not self.calib:
+            raise ValueError("calib: recovery distills on calibration text and none was given")
+        if self.prunes and self.recover and self.refit and not self.calib:
+            raise ValueError("calib: the refit needs calibration text and none was given")
+        return self
+
+    @property
+    def iterative(self) -> bool:
+        """Prune in steps (a parameter target is approached step by step; exact counts are one step)."""
+        return self.schedule == "iterative" and self.target_params is not None
 
     def public(self) -> dict:
         """The options as recorded in the manifest (paths as strings)."""
         d = self.model_dump(mode="json")
         d.pop("overwrite", None)
         return d
+
+
+_RULE_HINTS = {
+    "group_size": "drop group_size, or set quant: w4a16",
+    "target_params": "e.g. 0.75 keeps three quarters of the parameters",
+    "calib": "add calib: [FILE, ...] (mix sources), or set recover: false / --no-recover",
+}
+
+
+def _key(k: str) -> str:
+    return k.replace("-", "_")
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """Read a recipe file: a YAML mapping of option names to values (flat, like vLLM's ``--config``)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise OptionError(f"cannot read the recipe ({exc.strerror})", field="recipe", source=str(path)) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise OptionError(f"not valid YAML{where}", field="recipe", source=str(path),
+                          hint="a recipe is a mapping such as `target_params: 0.75`") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise OptionError(f"must be a mapping of option names to values, got {type(raw).__name__}",
+                          field="recipe", source=str(path), hint="see packaging/recipes/ for examples")
+    return {_key(str(k)): v for k, v in raw.items()}
+
+
+def build_options(values: dict[str, Any], *, origins: dict[str, str] | None = None) -> PackageOptions:
+    """Validate ``values`` into :class:`PackageOptions`, turning pydantic's errors into one
+    :class:`OptionError` that names the field and where it came from (``origins``: field -> the
+    recipe file or the flag that set it)."""
+    origins = origins or {}
+    fields = PackageOptions.model_fields
+    for k in values:
+        if k not in fields:
+            close = [f for f in fields if f.startswith(k[:4])][:3]
+            hint = f"did you mean {' or '.join(close)}?" if close else "see `serve-pruned package --help`"
+            raise OptionError("unknown key", field=k, source=origins.get(k), hint=hint)
+    try:
+        return PackageOptions(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if not loc:  # a rule across fields: its message starts with the field it is about
+            loc, _, msg = msg.partition(": ") if ": " in msg else ("options", "", msg)
+        raise OptionError(msg, field=loc, source=origins.get(loc.split(".")[0]), hint=_RULE_HINTS.get(loc)) from exc
+
+
+_AS_TUPLE = ("calib", "eval_text", "eval_ood_text", "eval_prompts")
+
+
+def package_values(recipe: dict[str, Any], recipe_path: str | None, flags: dict[str, Any],
+                   explicit: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Merge a recipe with command-line flags: a flag given explicitly wins, a recipe key beats a
+    flag's default. Returns the values and, per field, where it came from (for error messages)."""
+    values = dict(recipe)
+    origins = dict.fromkeys(recipe, recipe_path or "recipe")
+    for name, value in flags.items():
+        if name in explicit or (name not in recipe and value is not None):
+            values[name] = value
+            origins[name] = f"--{name.replace('_', '-')}"
+    for name in _AS_TUPLE:
+        if isinstance(values.get(name), str):
+            values[name] = (values[name],)
+        elif isinstance(values.get(name), list | tuple):
+            values[name] = tuple(values[name])
+    if values.get("eval_prompts") == ():
+        values.pop("eval_prompts")  # no --eval-prompt given: the built-in fact prompts
+    for required in ("model", "out"):
+        if values.get(required) in (None, ""):
+            raise OptionError("missing", field=required, source=recipe_path,
+                              hint="pass MODEL and --out DIR, or set model: and out: in the recipe")
+    return values, origins

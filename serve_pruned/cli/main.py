@@ -38,6 +38,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except click.ClickException:
+            raise  # usage errors: click prints them and exits 2
         except ServePrunedError as exc:
             if os.environ.get(DEBUG_ENV):
                 traceback.print_exc()
@@ -112,27 +114,45 @@ def _package_text(m: dict[str, Any]) -> str:
         group = f" (group {qz['group_size']})" if qz.get("group_size") else ""
         lines.append(f"  quantization   {qz['scheme']}{group}")
     q = m.get("quality") or {}
-    for stage in ("original", "pruned", "quantized"):
+    timings = m.get("timings_s") or {}
+    if q:
+        lines.append("  quality report (perplexity, x original; out of domain; top-1 agreement; fact prompts)")
+    for stage in ("original", "pruned", "recovered", "quantized"):
         if stage in q:
-            agree = q[stage].get("top1_agreement")
-            lines.append(f"  ppl {stage:<10} {q[stage]['perplexity']:.2f}"
-                         + (f" (top-1 agreement {agree:.3f})" if agree is not None else ""))
+            e = q[stage]
+            parts = [f"{e['perplexity']:.2f} ({e.get('perplexity_ratio', 1.0):.2f}x)"]
+            if "out_of_domain" in e:
+                parts.append(f"ood {e['out_of_domain']['perplexity']:.2f} "
+                             f"({e['out_of_domain'].get('perplexity_ratio', 1.0):.2f}x)")
+            if e.get("top1_agreement") is not None:
+                parts.append(f"top-1 {e['top1_agreement']:.3f}")
+            if stage != "original" and "prompts" in e:
+                parts.append(f"facts {e['prompts']['prefix_agreement']:.2f}")
+            lines.append(f"    {stage:<10} " + ", ".join(parts))
+    if timings:
+        lines.append("  time           " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items()
+                                                   if k != "checks_s"))
+    if m.get("peak_rss_bytes"):
+        lines.append(f"  peak RSS       {m['peak_rss_bytes'] / 2**30:.2f} GiB")
     return "\n".join(lines)
 
 
 @cli.command("package")
-@click.argument("model")
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output folder (written atomically).")
+@click.argument("model", required=False)
+@click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False),
+              help="YAML recipe with any of these options as keys (target_params: 0.75 ...); flags override it. "
+              "Examples in packaging/recipes/.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder (written atomically).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
 @click.option("--calib", multiple=True,
-              help="Calibration text: .txt/.jsonl file, folder, or hf:DATASET. Repeat to mix.")
+              help="Calibration text: .txt/.jsonl file, folder, or hf:DATASET. Repeat to mix sources.")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in .jsonl/datasets.")
-@click.option("--num-samples", type=int, default=64, show_default=True, help="Calibration samples.")
+@click.option("--num-samples", type=int, default=64, show_default=True, help="Calibration samples for scoring.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scorer", type=click.Choice(["activation", "fluctuation", "magnitude"]), default="activation",
               show_default=True, help="Importance scorer.")
-@click.option("--target-params", type=float, help="Fraction of total parameters to keep, in (0, 1].")
+@click.option("--target-params", type=float, help="Fraction of total parameters to keep, in (0, 1).")
 @click.option("--keep-heads", type=int, help="Query heads per layer to keep.")
 @click.option("--keep-kv-heads", type=int, help="KV heads (groups) per layer to keep.")
 @click.option("--keep-ffn", type=int, help="FFN channels per layer to keep.")
@@ -140,18 +160,43 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--multiple-of", type=int, default=64, show_default=True,
               help="FFN sizes are multiples of this (keeps W4A16 group sizes dividing).")
 @click.option("--max-candidates", type=int, default=12, show_default=True, help="Shapes tried by the search.")
+@click.option("--schedule", type=click.Choice(["iterative", "one-shot"]), default="iterative", show_default=True,
+              help="Reach --target-params in steps of --prune-step (recovering after each), or in one step.")
+@click.option("--prune-step", type=float, default=0.125, show_default=True,
+              help="Largest share of the original parameters removed per step (iterative schedule).")
+@click.option("--recover/--no-recover", default=True, show_default=True,
+              help="Recover after each pruning step: refit, then distill from the original.")
 @click.option("--refit/--no-refit", default=True, show_default=True,
-              help="After FFN pruning, refit each down_proj by least squares so every MLP reproduces the original's "
-              "output on the calibration text (closed form, no gradient steps).")
+              help="Refit each pruned block's output projection (o_proj, down_proj) by least squares so it "
+              "reproduces the original block's output (closed form, no gradient steps).")
+@click.option("--distill-steps", type=int, default=200, show_default=True,
+              help="Logit-distillation steps in all (spread over the pruning steps); 0 = refit only.")
+@click.option("--distill-lr", type=float, default=1e-4, show_default=True)
+@click.option("--distill-batch-size", type=int, default=4, show_default=True)
+@click.option("--distill-seq-len", type=int, default=256, show_default=True)
+@click.option("--distill-samples", type=int, default=512, show_default=True,
+              help="Windows of calibration text the distillation draws batches from.")
+@click.option("--distill-temperature", type=float, default=1.0, show_default=True)
+@click.option("--distill-hidden-weight", type=float, default=0.0, show_default=True,
+              help="Weight of a cosine loss on the final hidden states (0 = logits only).")
+@click.option("--distill-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--distill-time-budget-s", type=float, help="Stop distilling after this many seconds in all.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Where recovery checkpoints go (default: the cache); a rerun resumes from them.")
 @click.option("--quant", type=click.Choice(["none", "w8a8", "w4a16", "fp8"]), default="none", show_default=True,
               help="Quantize with llmcompressor into compressed-tensors (w8a8: SmoothQuant+GPTQ INT8; "
               "w4a16: GPTQ INT4; fp8: FP8_DYNAMIC).")
 @click.option("--group-size", type=int, help="W4A16 group size (default: the largest of 128/64/32 that divides).")
-@click.option("--eval-text", multiple=True, help="Held-out text for perplexity in the manifest. Repeatable.")
+@click.option("--eval-text", multiple=True, help="Held-out text for the quality report. Repeatable.")
+@click.option("--eval-ood-text", multiple=True, help="Out-of-domain text for the quality report. Repeatable.")
+@click.option("--eval-prompt", "eval_prompts", multiple=True,
+              help="Prompt whose greedy continuation is compared with the original's (default: built-in facts).")
 @click.option("--eval-max-tokens", type=int, default=16384, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Precision for scoring and evaluation (weights are saved in the source dtype).")
+@click.option("--base-model", help="Hub id named as base_model in the model card (default: the source's).")
+@click.option("--license", "license", help="Licence id for the model card (default: carried from the source).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new output is complete).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that need code from their repository.")
 @click.option("--push", "push_repo", metavar="REPO_ID", help="Push the output to this Hub repo when done.")
@@ -161,20 +206,29 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @format_option
 @handle_errors
-def package_cmd(model: str, out: Path, fmt: str, no_progress: bool, push_repo: str | None,
+def package_cmd(model: str | None, recipe: Path | None, fmt: str, no_progress: bool, push_repo: str | None,
                 push_revision: str | None, push_tag: str | None, token: str | None, **kw: Any) -> None:
-    """Prune MODEL (a local folder or Hub id) into a smaller dense model that stock vLLM serves."""
-    from serve_pruned.compress.package import package
-    from serve_pruned.options import PackageOptions
+    """Prune MODEL (a local folder or Hub id), recover, quantize: a smaller dense model that stock vLLM serves.
 
-    kw["calib"] = tuple(kw["calib"])
-    kw["eval_text"] = tuple(kw["eval_text"])
-    opts = PackageOptions(model=model, out=out, **kw)
+    The default pipeline prunes in steps to --target-params, recovering after each (refit, then logit
+    distillation from the original), quantizes when --quant is given, and evaluates every stage.
+    """
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import build_options, load_recipe, package_values
+
+    from_recipe = load_recipe(recipe) if recipe else {}
+    if model is None and "model" not in from_recipe:
+        raise click.UsageError("Missing argument 'MODEL' (or `model:` in the --recipe file).")
+    if kw.get("out") is None and "out" not in from_recipe:
+        raise click.UsageError("Missing option '--out' (or `out:` in the --recipe file).")
+    values, origins = package_values(from_recipe, str(recipe) if recipe else None, {"model": model, **kw},
+                                     _explicit(click.get_current_context()))
+    opts = build_options(values, origins=origins)
     if push_repo:
         from serve_pruned.hub.transfer import parse_repo_spec
 
         parse_repo_spec(push_repo)  # a bad repo id fails before minutes of packaging
-    result = package(opts, log=info, progress=not no_progress)
+    result = package(opts, log=info, progress=not no_progress, repo_id=push_repo)
     report: dict[str, Any] = {"out": str(result.out), **result.manifest}
     if push_repo:
         from serve_pruned.hub.transfer import push
@@ -183,6 +237,14 @@ def package_cmd(model: str, out: Path, fmt: str, no_progress: bool, push_repo: s
                               log=info).to_dict()
         info(f"pushed to {push_repo}@{report['push']['revision']} ({report['push']['commit_sha']})")
     emit(report, fmt, _package_text)
+
+
+def _explicit(ctx: click.Context) -> set[str]:
+    """Parameters the user set on the command line or through the environment (not defaults)."""
+    from click.core import ParameterSource
+
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
 
 
 def _eval_text(r: dict[str, Any]) -> str:

@@ -175,3 +175,17 @@ def eval_tokens(tokenizer: Any, sources: list[TextSource], *, max_tokens: int | 
     if len(ids) < 2:
         raise CalibrationDataError("evaluation text has fewer than 2 tokens", path=",".join(s.name for s in sources))
     return ids
+
+
+# Facts a small instruct model knows; a pruned model that still continues them like the original has
+# kept more than the calibration domain.
+FACT_PROMPTS = (
+    "The capital of France is",
+    "The largest planet in our solar system is",
+    "Water is made of hydrogen and",
+    "The first president of the United States was",
+    "The chemical symbol for gold is",
+    "The Great Wall is in",
+    "A week has seven days. The day after Monday is",
+    "The opposite of hot is",
+)

@@ -160,3 +160,31 @@ def evaluate_folder(
     result["text"] = [s.name for s in sources]
     result["text_sha256"] = fingerprint_sources(sources)
     return result
+
+
+
+@torch.no_grad()
+def greedy_continuations(model: Any, tokenizer: Any, prompts: list[str] | tuple[str, ...], *,
+                         max_new_tokens: int = 8) -> list[list[int]]:
+    """Greedy continuations (token ids) of each prompt, without a KV cache so any model state works."""
+    out = []
+    for prompt in prompts:
+        x = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+        ids = x
+        for _ in range(max_new_tokens):
+            nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+        out.append(ids[0, x.shape[1] :].tolist())
+    return out
+
+
+def prompt_agreement(ours: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
+    """How far greedy continuations follow the reference's: mean shared-prefix share, and exact matches."""
+    prefix = []
+    for a, b in zip(ours, reference, strict=True):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefix.append(n / max(len(b), 1))
+    return {"prefix_agreement": sum(prefix) / len(prefix),
+            "exact_match": sum(1 for a, b in zip(ours, reference, strict=True) if a == b) / len(prefix)}

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve_pruned import __version__
 from serve_pruned.atomic import atomic_dir, check_output
 from serve_pruned.cache import cache_root
 from serve_pruned.compress.arch import support_for
 from serve_pruned.compress.data import (
+    FACT_PROMPTS,
     calibration_samples,
     eval_tokens,
     fingerprint_sources,
@@ -37,6 +39,9 @@ from serve_pruned.compress.shapes import Candidate, Shape, count_params, plan_sh
 from serve_pruned.errors import CalibrationDataError, InvalidTargetError, MissingExtraError
 from serve_pruned.manifest import sha256_file, write_manifest
 from serve_pruned.options import PackageOptions
+
+if TYPE_CHECKING:
+    from serve_pruned.compress.importance import Selection
 
 Log = Callable[[str], None]
 
@@ -80,6 +85,48 @@ def tool_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return versions
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def hub_id_of(src: ModelSource) -> str | None:
+    """The Hub id the source model is known by: its Hub id, or the ``_name_or_path`` it was saved with."""
+    if src.revision is not None:
+        return src.ref
+    name = str(src.config.get("_name_or_path") or "")
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not Path(name).exists():
+        return name
+    return None
+
+
+def source_license(folder: Path) -> str | None:
+    """The licence id from the source's model card metadata, or recognized in its LICENSE file."""
+    import yaml
+
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            end = text.find("\n---", 3)
+            try:
+                meta = yaml.safe_load(text[3:end]) if end > 0 else None
+            except yaml.YAMLError:
+                meta = None
+            if isinstance(meta, dict) and isinstance(meta.get("license"), str):
+                return meta["license"]
+    for f in sorted(folder.glob("LICENSE*")):
+        head = f.read_text(encoding="utf-8", errors="replace")[:2000].lower()
+        for needle, spdx in (("apache license", "apache-2.0"), ("mit license", "mit"),
+                             ("gnu general public license", "gpl-3.0"), ("llama 3", "llama3")):
+            if needle in head:
+                return spdx
+    return None
 
 
 def source_fingerprint(src: ModelSource) -> str:
@@ -151,29 +198,176 @@ def _widths(shape: Shape, hidden: int) -> list[int]:
     return [hidden, shape.num_heads * shape.head_dim, shape.intermediate_size]
 
 
-def _evaluate_into(quality: dict[str, Any], name: str, model: Any, ids: list[int], *, opts: PackageOptions,
-                   reference: Any, progress: bool, log: Log) -> None:
-    from serve_pruned.compress.evaluate import evaluate
-
-    n_win = -(-len(ids) // opts.eval_seq_len)
-    bar = _progress(n_win * (2 if reference is not None else 1), f"evaluating {name}", progress)
-    try:
-        report = evaluate(model, ids, seq_len=opts.eval_seq_len, batch_size=opts.batch_size, reference=reference,
-                          progress=bar)
-    finally:
-        bar.close()
-    quality[name] = report.to_dict()
-    msg = f"{name}: perplexity {report.perplexity:.2f} on {report.tokens} tokens"
-    if report.top1_agreement is not None:
-        msg += f", top-1 agreement with the original {report.top1_agreement:.3f}"
-    log(msg)
+def step_targets(target: float, step: float) -> list[float]:
+    """Fractions of the original parameters after each pruning step: equal steps of at most ``step``."""
+    n = max(1, math.ceil((1.0 - target) / step - 1e-9))
+    return [1.0 - (1.0 - target) * k / n for k in range(1, n + 1)]
 
 
-def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool = True) -> PackageResult:
-    """Prune and/or quantize as ``opts`` says; returns the output folder and its manifest.
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` spread over ``parts`` as evenly as integers allow (the later parts get the remainder)."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
 
-    Stages: checks (no weights loaded) -> load -> importance -> shape search -> prune -> evaluate ->
-    quantize -> evaluate -> atomic write with manifest.
+
+def _identity(shape: Shape) -> Selection:
+    from serve_pruned.compress.importance import Selection
+
+    n = shape.num_layers
+    return Selection(layers=list(range(n)), kv_groups=[list(range(shape.num_kv_heads))] * n,
+                     heads=[list(range(shape.num_heads))] * n, ffn=[list(range(shape.intermediate_size))] * n)
+
+
+def _compose(prev: Selection, sel: Selection) -> Selection:
+    """``sel`` (indices into the current model) expressed in the ORIGINAL model's indices."""
+    from serve_pruned.compress.importance import Selection
+
+    return Selection(
+        layers=[prev.layers[i] for i in sel.layers],
+        kv_groups=[[prev.kv_groups[i][g] for g in sel.kv_groups[j]] for j, i in enumerate(sel.layers)],
+        heads=[[prev.heads[i][h] for h in sel.heads[j]] for j, i in enumerate(sel.layers)],
+        ffn=[[prev.ffn[i][c] for c in sel.ffn[j]] for j, i in enumerate(sel.layers)],
+    )
+
+
+def _own_weights(model: Any, other: Any) -> None:
+    """Give ``model`` its own copy of every tensor it shares with ``other`` (pruning slices without
+    copying what it keeps whole), so training one never changes the other. Tied weights stay tied."""
+    theirs = {p.data_ptr() for p in other.parameters()}
+    for p in model.parameters():
+        if p.data_ptr() in theirs:
+            p.data = p.data.clone()
+
+
+@dataclass
+class _Current:
+    """The model being pruned, between steps."""
+
+    model: Any
+    config: dict
+    shape: Shape
+    kept: Selection  # in the original model's indices
+    params: int
+
+
+def _shapes_of(model: Any) -> dict[str, tuple[int, ...]]:
+    # named_parameters lists a tied embedding once, as the safetensors file does
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _save_step(folder: Path, cur: _Current, report: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from serve_pruned.atomic import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".model.safetensors.tmp"
+    save_file({n: p.detach().contiguous() for n, p in cur.model.named_parameters()}, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    atomic_write_text(folder / "done.json", json.dumps({
+        "config": cur.config, "shape": cur.shape.to_dict(), "params": cur.params,
+        "kept": {"layers": cur.kept.layers, "kv_groups": cur.kept.kv_groups, "heads": cur.kept.heads,
+                 "ffn": cur.kept.ffn},
+        "report": report}) + "\n")
+
+
+def _load_step(folder: Path, like: Any) -> tuple[_Current, dict[str, Any]] | None:
+    from safetensors.torch import load_file
+
+    from serve_pruned.compress.importance import Selection
+    from serve_pruned.compress.prune import build_model
+
+    done = folder / "done.json"
+    if not done.is_file():
+        return None
+    d = json.loads(done.read_text())
+    model = build_model(like, d["config"], load_file(str(folder / "model.safetensors")))
+    return _Current(model, d["config"], Shape(**d["shape"]), Selection(**d["kept"]), d["params"]), d["report"]
+
+
+def _run_key(opts: PackageOptions, fingerprint: str, calib_fp: str) -> str:
+    """Identifies the pruning + recovery a run does (not its output, evaluation or quantization)."""
+    skip = {"out", "overwrite", "eval_text", "eval_ood_text", "eval_max_tokens", "eval_seq_len", "eval_baseline",
+            "eval_prompts", "quant", "group_size", "checkpoint_dir", "distill_time_budget_s", "base_model",
+            "license"}
+    body = {k: v for k, v in opts.public().items() if k not in skip}
+    return hashlib.sha256(f"{fingerprint}|{calib_fp}|{json.dumps(body, sort_keys=True)}|v1".encode()).hexdigest()[:24]
+
+
+class _Quality:
+    """Quality of each stage on held-out text (and out-of-domain text, and fact prompts), vs the original."""
+
+    def __init__(self, opts: PackageOptions, tokenizer: Any, ids: list[int], ood_ids: list[int], *,
+                 progress: bool, log: Log) -> None:
+        self.opts, self.tokenizer, self.ids, self.ood_ids = opts, tokenizer, ids, ood_ids
+        self.progress, self.log = progress, log
+        self.prompts = list(opts.eval_prompts if opts.eval_prompts is not None else FACT_PROMPTS)
+        self.report: dict[str, Any] = {}
+        self.reference: Any = None
+        self.reference_continuations: list[list[int]] = []
+        self.seconds = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ids)
+
+    def stage(self, name: str, model: Any) -> None:
+        if not self.enabled:
+            return
+        from serve_pruned.compress.evaluate import evaluate, greedy_continuations, prompt_agreement
+
+        t = time.perf_counter()
+        is_original = name == "original"
+        reference = None if is_original else self.reference
+        entry: dict[str, Any] = {}
+        for key, ids in (("held_out", self.ids), ("out_of_domain", self.ood_ids)):
+            if not ids:
+                continue
+            n_win = -(-len(ids) // self.opts.eval_seq_len)
+            bar = _progress(n_win * (2 if reference is not None else 1), f"evaluating {name} ({key})", self.progress)
+            try:
+                r = evaluate(model, ids, seq_len=self.opts.eval_seq_len, batch_size=self.opts.batch_size,
+                             reference=reference, progress=bar).to_dict()
+            finally:
+                bar.close()
+            if key == "held_out":
+                entry.update(r)
+            else:
+                entry["out_of_domain"] = r
+        if self.prompts:
+            conts = greedy_continuations(model, self.tokenizer, self.prompts)
+            if is_original:
+                self.reference_continuations = conts
+            entry["prompts"] = {**prompt_agreement(conts, self.reference_continuations),
+                                "completions": {p: self.tokenizer.decode(c) for p, c in zip(self.prompts, conts,
+                                                                                             strict=True)}}
+        base = self.report.get("original")
+        if base is not None:
+            entry["perplexity_ratio"] = entry["perplexity"] / base["perplexity"]
+            if "out_of_domain" in entry and "out_of_domain" in base:
+                entry["out_of_domain"]["perplexity_ratio"] = (entry["out_of_domain"]["perplexity"]
+                                                              / base["out_of_domain"]["perplexity"])
+        self.report[name] = entry
+        msg = f"{name}: perplexity {entry['perplexity']:.2f}"
+        if "perplexity_ratio" in entry:
+            msg += f" ({entry['perplexity_ratio']:.2f}x the original)"
+        if "out_of_domain" in entry:
+            msg += f", out of domain {entry['out_of_domain']['perplexity']:.2f}"
+        if entry.get("top1_agreement") is not None:
+            msg += f", top-1 agreement {entry['top1_agreement']:.3f}"
+        if "prompts" in entry and not is_original:
+            msg += f", fact prompts {entry['prompts']['prefix_agreement']:.2f}"
+        self.log(msg)
+        self.seconds += time.perf_counter() - t
+
+
+def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool = True,
+            repo_id: str | None = None) -> PackageResult:
+    """Prune, recover and quantize as ``opts`` says; returns the output folder and its manifest.
+
+    Stages: checks (no weights loaded) -> load -> [score -> search -> prune -> refit -> distill] per
+    pruning step -> quantize -> evaluate each stage -> model card + manifest -> atomic write.
+    ``repo_id`` (where the output will be pushed) only goes into the model card's snippets.
     """
     from serve_pruned.compress.quantize import plan_quantization
 
@@ -187,15 +381,13 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     before = Shape.from_config(src.config)
     hidden = int(src.config["hidden_size"])
     total = count_params(src.shapes(), before)
-    prune = (opts.target_params is not None or opts.drop_layers > 0
-             or any(v is not None for v in (opts.keep_heads, opts.keep_kv_heads, opts.keep_ffn)))
+    prune = opts.prunes
+    plan_kw: dict[str, Any] = dict(multiple_of=opts.multiple_of, prune_heads=support.prune_heads,
+                                   heads_divide=hidden if support.heads_divide_hidden else None)
     if prune:
         candidates = plan_shapes(
             src.shapes(), before, target=opts.target_params, keep_heads=opts.keep_heads,
-            keep_kv_heads=opts.keep_kv_heads, keep_ffn=opts.keep_ffn, drop_layers=opts.drop_layers,
-            multiple_of=opts.multiple_of, prune_heads=support.prune_heads,
-            heads_divide=hidden if support.heads_divide_hidden else None,
-        )
+            keep_kv_heads=opts.keep_kv_heads, keep_ffn=opts.keep_ffn, drop_layers=opts.drop_layers, **plan_kw)
     elif opts.quant == "none":
         raise InvalidTargetError(
             "nothing to do: no pruning target or counts, and no quantization",
@@ -206,20 +398,22 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
         plan_quantization(opts.quant, _widths(cand.shape, hidden), group_size=opts.group_size)
     quant_needs_data = opts.quant in ("w8a8", "w4a16")
     needs_calib = quant_needs_data or (prune and (opts.scorer != "magnitude" or len(candidates) > 1
-                                                  or opts.drop_layers > 0))
+                                                  or opts.drop_layers > 0 or opts.iterative))
     if needs_calib and not opts.calib:
         what = "quantization" if quant_needs_data and not prune else "this pruning"
         raise CalibrationDataError(f"{what} needs calibration text and none was given", path="",
                                    hint="pass --calib FILE (repeat it to mix sources)")
     calib_sources = read_sources(list(opts.calib), text_field=opts.text_field) if opts.calib else []
     eval_sources = read_sources(list(opts.eval_text), text_field=opts.text_field) if opts.eval_text else []
+    ood_sources = read_sources(list(opts.eval_ood_text), text_field=opts.text_field) if opts.eval_ood_text else []
+    license_id = opts.license or source_license(src.path)
     _require_torch()
     timings["checks_s"] = time.perf_counter() - t0
     quiet_transformers(progress)
 
     import torch
 
-    from serve_pruned.compress.importance import LayerStats, Scores, compute_scores, select
+    from serve_pruned.compress.importance import LayerStats, Scores, collect_stats, compute_scores, select
     from serve_pruned.compress.prune import prune_model
 
     torch.manual_seed(opts.seed)
@@ -229,63 +423,141 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     model = load_model(src.path, dtype=opts.compute_dtype, trust_remote_code=opts.trust_remote_code)
     fingerprint = source_fingerprint(src)
     samples = None
+    calib_fp = fingerprint_sources(calib_sources) if calib_sources else ""
     if calib_sources:
         samples = calibration_samples(tokenizer, calib_sources, num_samples=opts.num_samples,
                                       seq_len=opts.seq_len, seed=opts.seed)
+    ids = eval_tokens(tokenizer, eval_sources, max_tokens=opts.eval_max_tokens) if eval_sources else []
+    ood_ids = eval_tokens(tokenizer, ood_sources, max_tokens=opts.eval_max_tokens) if ood_sources else []
     timings["load_s"] = time.perf_counter() - t
+    quality = _Quality(opts, tokenizer, ids, ood_ids, progress=progress, log=log)
+    quality.reference = model if opts.eval_baseline else None
+    if opts.eval_baseline:
+        quality.stage("original", model)
 
-    chosen, sel = candidates[0], None
-    search: list[dict[str, Any]] = []
+    cur = _Current(model, dict(src.config), before, _identity(before), total)
+    chosen = candidates[0]
+    steps_report: list[dict[str, Any]] = []
     recovery: dict[str, Any] = {}
-    pruned, new_cfg = model, dict(src.config)
     if prune:
-        t = time.perf_counter()
-        if samples is not None:
-            key = hashlib.sha256(
-                f"{fingerprint}|{fingerprint_sources(calib_sources)}|{opts.num_samples}|{opts.seq_len}|{opts.seed}|"
-                f"{opts.compute_dtype}|v1".encode()).hexdigest()[:32]
-            stats = _stats(model, samples, key, batch_size=opts.batch_size, progress=progress, log=log)
-        else:  # magnitude scores need no data; block influence is then unused (no layers dropped)
-            n, zeros = before.num_layers, torch.zeros
-            stats = LayerStats(zeros(n, before.size("q")), zeros(n, before.size("q")), zeros(n, before.num_heads),
-                               zeros(n, before.intermediate_size), zeros(n, before.intermediate_size),
-                               zeros(n), torch.ones(1))
-        scores: Scores = compute_scores(stats, model, before, opts.scorer)
-        timings["score_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        chosen, search = _search(model, src.config, before, candidates, scores, samples, opts=opts,
-                                 progress=progress, log=log)
-        sel = select(scores, before, chosen.shape)
-        pruned, new_cfg = prune_model(model, src.config, before, chosen.shape, sel)
-        timings["prune_s"] = time.perf_counter() - t
-        log(f"pruned to {chosen.shape.to_dict()} = {chosen.fraction:.3f} of the parameters")
-        if opts.refit and samples is not None and chosen.shape.intermediate_size < before.intermediate_size:
-            from serve_pruned.compress.refit import refit_down_proj
-
+        targets: list[float | None] = [None]
+        if opts.iterative and opts.target_params is not None:
+            targets = list(step_targets(opts.target_params, opts.prune_step))
+        n_steps = len(targets)
+        distill_budget = _split(opts.distill_steps, n_steps) if opts.distills else [0] * n_steps
+        dsamples = None
+        if opts.distills:
+            dsamples = calibration_samples(tokenizer, calib_sources, num_samples=opts.distill_samples,
+                                           seq_len=opts.distill_seq_len, seed=opts.seed + 1)
+        run_key = _run_key(opts, fingerprint, calib_fp)
+        ckpt_root = Path(opts.checkpoint_dir) if opts.checkpoint_dir else cache_root() / "recover" / run_key
+        recovery = {"schedule": "iterative" if opts.iterative else "one-shot", "steps": steps_report,
+                    "refit": opts.recover and opts.refit, "distill_steps": opts.distill_steps if opts.distills else 0}
+        log(f"pruning in {n_steps} step(s)" + (f" to {', '.join(f'{x:.3f}' for x in targets if x)} of the parameters"
+                                              if opts.iterative else ""))
+        for k, step_target in enumerate(targets):
+            step_dir = ckpt_root / f"step-{k + 1}"
+            last = k == n_steps - 1
+            resumed = _load_step(step_dir, model)
+            if resumed is not None and not last:
+                cur, report = resumed
+                steps_report.append({**report, "resumed": True})
+                log(f"step {k + 1}/{n_steps}: done in an earlier run, resumed from {step_dir}")
+                continue
+            report = {"step": k + 1}
             t = time.perf_counter()
-            bar = _progress(chosen.shape.num_layers, "refitting down_proj (least squares)", progress)
-            try:
-                recovery["refit"] = refit_down_proj(pruned, model, sel.layers, samples, batch_size=opts.batch_size,
-                                                    progress=bar)
-            finally:
-                bar.close()
-            timings["refit_s"] = time.perf_counter() - t
-            log(f"refit down_proj: MLP reconstruction error {recovery['refit']['mlp_rel_error_before']:.3f} -> "
-                f"{recovery['refit']['mlp_rel_error_after']:.3f}")
+            if k == 0 and samples is not None:
+                key = hashlib.sha256(
+                    f"{fingerprint}|{calib_fp}|{opts.num_samples}|{opts.seq_len}|{opts.seed}|"
+                    f"{opts.compute_dtype}|v1".encode()).hexdigest()[:32]
+                stats = _stats(model, samples, key, batch_size=opts.batch_size, progress=progress, log=log)
+            elif samples is not None:
+                bar = _progress(len(samples), f"step {k + 1}/{n_steps}: scoring", progress)
+                try:
+                    stats = collect_stats(cur.model, samples, batch_size=opts.batch_size, progress=bar)
+                finally:
+                    bar.close()
+            else:  # magnitude scores need no data; block influence is then unused (no layers dropped)
+                n, zeros = before.num_layers, torch.zeros
+                stats = LayerStats(zeros(n, before.size("q")), zeros(n, before.size("q")), zeros(n, before.num_heads),
+                                   zeros(n, before.intermediate_size), zeros(n, before.intermediate_size),
+                                   zeros(n), torch.ones(1))
+            scores: Scores = compute_scores(stats, cur.model, cur.shape, opts.scorer)
+            timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            if step_target is None:
+                step_candidates = candidates
+            else:
+                relative = min(step_target * total / cur.params, 1.0 - 1e-9)
+                step_candidates = plan_shapes(_shapes_of(cur.model), cur.shape, target=relative, **plan_kw)
+            chosen_step, search = _search(cur.model, cur.config, cur.shape, step_candidates, scores, samples,
+                                          opts=opts, progress=progress, log=log)
+            sel = select(scores, cur.shape, chosen_step.shape)
+            new_model, new_cfg = prune_model(cur.model, cur.config, cur.shape, chosen_step.shape, sel)
+            _own_weights(new_model, model)
+            new_params = count_params(_shapes_of(new_model), chosen_step.shape)
+            timings["prune_s"] = timings.get("prune_s", 0.0) + time.perf_counter() - t
+            kept = _compose(cur.kept, sel)
+            report.update(target=round(step_target, 5) if step_target is not None else None,
+                          shape=chosen_step.shape.to_dict(), params=new_params,
+                          fraction=round(new_params / total, 5), shape_search=search)
+            log(f"step {k + 1}/{n_steps}: pruned to {chosen_step.shape.to_dict()} = {new_params / total:.3f} "
+                "of the parameters")
+            if last:
+                quality.stage("pruned", new_model)
+            if opts.recover and opts.refit and samples is not None:
+                t = time.perf_counter()
+                dropped = sel.layers != list(range(cur.shape.num_layers))
+                attn = chosen_step.shape.num_heads < cur.shape.num_heads or dropped
+                mlp = chosen_step.shape.intermediate_size < cur.shape.intermediate_size or dropped
+                if attn or mlp:
+                    from serve_pruned.compress.refit import refit
 
-    quality: dict[str, Any] = {}
-    ids: list[int] = []
-    if eval_sources:
-        t = time.perf_counter()
-        ids = eval_tokens(tokenizer, eval_sources, max_tokens=opts.eval_max_tokens)
-        quality.update(eval_text=[s.name for s in eval_sources], eval_text_sha256=fingerprint_sources(eval_sources),
-                       compute_dtype=opts.compute_dtype)
-        if opts.eval_baseline:
-            _evaluate_into(quality, "original", model, ids, opts=opts, reference=None, progress=progress, log=log)
-        if prune:
-            _evaluate_into(quality, "pruned", pruned, ids, opts=opts,
-                           reference=model if opts.eval_baseline else None, progress=progress, log=log)
-        timings["eval_s"] = time.perf_counter() - t
+                    which = " + ".join(n for n, on in (("o_proj", attn), ("down_proj", mlp)) if on)
+                    bar = _progress(chosen_step.shape.num_layers, f"step {k + 1}/{n_steps}: refitting {which}",
+                                    progress)
+                    try:
+                        report["refit"] = refit(new_model, model, kept.layers, samples, attention=attn, mlp=mlp,
+                                                batch_size=opts.batch_size, progress=bar)
+                    finally:
+                        bar.close()
+                    timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - t
+                    log(f"step {k + 1}/{n_steps}: refit {which}: block error " + ", ".join(
+                        f"{n} {report['refit'][f'{n}_rel_error_before']:.3f} -> "
+                        f"{report['refit'][f'{n}_rel_error_after']:.3f}"
+                        for n in ("attn", "mlp") if f"{n}_rel_error_before" in report["refit"]))
+            if distill_budget[k] > 0 and dsamples is not None:
+                from serve_pruned.compress.distill import DistillSettings, distill
+
+                t = time.perf_counter()
+                settings = DistillSettings(
+                    steps=distill_budget[k], lr=opts.distill_lr, batch_size=opts.distill_batch_size,
+                    temperature=opts.distill_temperature, hidden_weight=opts.distill_hidden_weight,
+                    warmup_steps=max(1, min(10, distill_budget[k] // 10)), dtype=opts.distill_dtype, seed=opts.seed)
+                budget = (opts.distill_time_budget_s * distill_budget[k] / opts.distill_steps
+                          if opts.distill_time_budget_s else None)
+                bar = _progress(settings.steps, f"step {k + 1}/{n_steps}: distilling", progress)
+                bar.unit = "step"
+                try:
+                    report["distill"] = distill(new_model, model, dsamples, settings=settings,
+                                                checkpoint_dir=step_dir / "distill", progress=bar,
+                                                time_budget_s=budget)
+                finally:
+                    bar.close()
+                timings["distill_s"] = timings.get("distill_s", 0.0) + time.perf_counter() - t
+                d = report["distill"]
+                log(f"step {k + 1}/{n_steps}: distilled {d['steps']} steps ({d['tokens']:,} tokens, "
+                    f"{d['seconds']:.0f} s): KL {d['loss_first']:.3f} -> {d['loss_last']:.3f}"
+                    + (f", resumed at step {d['resumed_from_step']}" if d["resumed_from_step"] else ""))
+            cur = _Current(new_model, new_cfg, chosen_step.shape, kept, new_params)
+            chosen = Candidate(chosen_step.shape, new_params, new_params / total)
+            steps_report.append(report)
+            if not last:
+                _save_step(step_dir, cur, report)
+        if opts.recover and (recovery["refit"] or opts.distills):
+            quality.stage("recovered", cur.model)
+    pruned, new_cfg = cur.model, cur.config
+    final_sel: Selection | None = cur.kept if prune else None
 
     save_dtype = getattr(torch, str(src.config.get("dtype") or src.config.get("torch_dtype") or "float32"))
     qplan = plan_quantization(opts.quant, _widths(chosen.shape, hidden), group_size=opts.group_size)
@@ -304,11 +576,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
             pruned.config._name_or_path = str(tmp)
             recipe = apply_quantization(pruned, tokenizer, qplan, samples)
             timings["quantize_s"] = time.perf_counter() - t
-            if ids:
-                t = time.perf_counter()
-                _evaluate_into(quality, "quantized", pruned, ids, opts=opts,
-                               reference=model if opts.eval_baseline else None, progress=progress, log=log)
-                timings["eval_s"] = timings.get("eval_s", 0.0) + time.perf_counter() - t
+            quality.stage("quantized", pruned)
             t = time.perf_counter()
             save_quantized(pruned, tokenizer, recipe, tmp)
             saved = json.loads((tmp / "config.json").read_text())
@@ -323,14 +591,21 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                     shutil.copy2(f, tmp / f.name)
         weight_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         dtype_bytes = torch.tensor([], dtype=save_dtype).element_size()
+        timings["eval_s"] = quality.seconds
         timings["write_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
         kind = "-".join(k for k, on in (("pruned", prune), ("quantized", qplan is not None)) if on)
-        manifest = write_manifest(tmp, {
+        qual: dict[str, Any] = {}
+        if quality.enabled:
+            qual = {"eval_text": [s.name for s in eval_sources], "eval_text_sha256": fingerprint_sources(eval_sources),
+                    "ood_text": [s.name for s in ood_sources], "compute_dtype": opts.compute_dtype,
+                    "prompts": quality.prompts, **quality.report}
+        body = {
             "kind": kind,
             "created_by": f"serve-pruned {__version__}",
             "source": {"model": src.ref, "revision": src.revision, "fingerprint": fingerprint,
-                       "architecture": support.architecture, "model_type": support.model_type},
+                       "architecture": support.architecture, "model_type": support.model_type,
+                       "base_model": opts.base_model or hub_id_of(src), "license": license_id},
             "architecture": support.architecture,
             "shape_before": before.to_dict(),
             "shape_after": chosen.shape.to_dict(),
@@ -343,11 +618,19 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
             "weight_bytes_before": sum(t.nbytes for t in src.tensors.values()),
             "kv_cache_bytes_per_token": chosen.shape.kv_cache_bytes_per_token(dtype_bytes),
             "kv_cache_bytes_per_token_before": before.kv_cache_bytes_per_token(dtype_bytes),
-            "pruning": {"scorer": opts.scorer, **sel.summary(), "shape_search": search} if sel else None,
+            "pruning": ({"scorer": opts.scorer, **final_sel.summary(),
+                         "shape_search": steps_report[-1]["shape_search"]} if final_sel is not None else None),
             "recovery": recovery,
             "options": opts.public(),
-            "quality": quality,
+            "quality": qual,
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "peak_rss_bytes": peak_rss_bytes(),
             "tool_versions": tool_versions(),
-        })
+        }
+        from serve_pruned.hub.card import render_card
+
+        (tmp / "README.md").write_text(render_card(body, name=out.name, repo_id=repo_id))
+        manifest = write_manifest(tmp, body)
+    if prune:
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the output is complete: the checkpoints are spent
     return PackageResult(out=out, manifest=manifest, timings=timings)

@@ -1,14 +1,17 @@
-"""Closed-form recovery: refit each pruned ``down_proj`` so its MLP reproduces the original MLP.
+"""Closed-form recovery: refit what each pruned block feeds forward so that the block reproduces the
+ORIGINAL block's output.
 
-Layer by layer, on the pruned model's own hidden states (so earlier refits are taken into account):
-for every calibration token, ``x`` is the input of the pruned layer's MLP (after its norm), ``a`` the
-pruned intermediate activation (``act(gate(x)) * up(x)``, width F') and ``y`` what the ORIGINAL layer's
-MLP (full width F) outputs for the same ``x``. The new ``down_proj`` weight solves the ridge problem
+Layer by layer, on the pruned model's own hidden states (so earlier refits are taken into account),
+for every calibration token: ``x`` is what enters the block (the attention or the MLP, after its norm),
+``a`` the pruned block's input to its output projection (the kept heads' outputs for ``o_proj``, the
+kept intermediate activations ``act(gate(x)) * up(x)`` for ``down_proj``) and ``y`` what the original
+layer's block outputs for the same ``x``. The new projection weight solves the ridge problem
 
     W = argmin ||a W^T - y||^2 + lambda ||W||^2   ->   W^T = (A^T A + lambda I)^-1 A^T Y
 
 with ``lambda`` a small fraction of the mean diagonal of ``A^T A`` (as GPTQ damps its Hessian). No
-gradient step; each layer costs two forward passes of that layer over the calibration samples.
+gradient step. Attention is refit before the MLP of the same layer, so the MLP's fit sees the refit
+attention's output. Each layer costs a few forward passes of that layer over the calibration samples.
 """
 
 from __future__ import annotations
@@ -49,70 +52,99 @@ def _layer_inputs(model: Any, batches: list[torch.Tensor]) -> tuple[list[torch.T
 
 
 @torch.no_grad()
-def refit_down_proj(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Tensor, *,
-                    batch_size: int = 4, damp: float = 0.01, progress: Any = None,
-                    measure_only: bool = False) -> dict[str, float]:
-    """Refit every pruned layer's ``down_proj`` in place; returns the mean relative MLP error before/after.
+def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *, block: Any, linear: Any,
+         original_block: Any, damp: float, measure_only: bool) -> tuple[float, float]:
+    """Refit ``linear`` (the output projection of ``block``) so ``block`` matches ``original_block``.
 
-    With ``measure_only`` nothing changes and only ``mlp_rel_error_before`` is meaningful: the
-    reconstruction error of the current weights on ``samples`` (e.g. held-out text).
+    Returns the relative squared error of the block's output before and after.
+    """
+    width, out_width = linear.in_features, linear.out_features
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    cross = torch.zeros(width, out_width, dtype=torch.float64)
+    seen: dict[str, Any] = {}
+
+    def grab_block(_m: Any, args: tuple, kw: dict) -> None:
+        seen["args"], seen["kwargs"] = args, kw
+
+    def grab_linear(_m: Any, args: tuple) -> None:
+        seen["a"] = args[0]
+
+    handles = [block.register_forward_pre_hook(grab_block, with_kwargs=True),
+               linear.register_forward_pre_hook(grab_linear)]
+    bias = linear.bias.double() if linear.bias is not None else None
+    err_num = err_den = 0.0
+    try:
+        for h, kw in zip(hidden, kwargs, strict=True):
+            layer(h, **kw)
+            a = seen["a"].reshape(-1, width).double()
+            y = _output(original_block(*seen["args"], **seen["kwargs"])).reshape(-1, out_width).double()
+            if bias is not None:  # the bias stays; the weight fits what is left
+                y = y - bias
+            gram += a.T @ a
+            cross += a.T @ y
+            err_num += (a @ linear.weight.double().T - y).pow(2).sum().item()
+            err_den += y.pow(2).sum().item()
+    finally:
+        for hd in handles:
+            hd.remove()
+    before = err_num / max(err_den, 1e-12)
+    if measure_only:
+        return before, before
+    lam = damp * gram.diagonal().mean().clamp_min(1e-12)
+    solution = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), cross)  # [in, out]
+    linear.weight.copy_(solution.T.to(linear.weight.dtype))
+    # residual from the same statistics: ||aW - y||^2 = tr(W'GW) - 2 tr(W'C) + ||y||^2
+    resid = ((solution.T @ gram @ solution).trace() - 2 * (solution.T @ cross).trace()).item() + err_den
+    return before, max(resid, 0.0) / max(err_den, 1e-12)
+
+
+@torch.no_grad()
+def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Tensor, *,
+          attention: bool = True, mlp: bool = True, batch_size: int = 4, damp: float = 0.01,
+          progress: Any = None, measure_only: bool = False) -> dict[str, float]:
+    """Refit every pruned layer's ``o_proj`` (when ``attention``) and ``down_proj`` (when ``mlp``) in place.
+
+    With ``measure_only`` nothing changes: the result is the reconstruction error of the current
+    weights on ``samples`` (e.g. held-out text).
 
     Args:
         pruned: the pruned model (modified in place).
         original: the unpruned model.
         kept_layers: for each pruned layer, the index of the original layer it came from.
         samples: calibration token ids (n, seq_len).
+
+    Returns:
+        Mean relative squared error of the refit blocks' outputs, before and after
+        (``attn_rel_error_*`` and/or ``mlp_rel_error_*``).
     """
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     hidden, kwargs = _layer_inputs(pruned, batches)
     p_layers, o_layers = decoder_layers(pruned), decoder_layers(original)
-    errors_before, errors_after = [], []
+    errors: dict[str, list[float]] = {}
     for li, layer in enumerate(p_layers):
-        orig_mlp = o_layers[kept_layers[li]].mlp
-        mlp = layer.mlp
-        width = mlp.down_proj.in_features
-        gram = torch.zeros(width, width, dtype=torch.float64)
-        cross = torch.zeros(width, mlp.down_proj.out_features, dtype=torch.float64)
-        seen: dict[str, torch.Tensor] = {}
-        handles = [mlp.register_forward_pre_hook(_store(seen, "x")),
-                   mlp.down_proj.register_forward_pre_hook(_store(seen, "a"))]
-        err_num = err_den = 0.0
-        try:
-            for h, kw in zip(hidden, kwargs, strict=True):
-                layer(h, **kw)
-                a = seen["a"].reshape(-1, width).double()
-                y = orig_mlp(seen["x"]).reshape(-1, cross.shape[1]).double()
-                gram += a.T @ a
-                cross += a.T @ y
-                err_num += (a @ mlp.down_proj.weight.double().T - y).pow(2).sum().item()
-                err_den += y.pow(2).sum().item()
-        finally:
-            for hd in handles:
-                hd.remove()
-        if measure_only:
-            errors_before.append(err_num / max(err_den, 1e-12))
-            errors_after.append(errors_before[-1])
-            hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-            continue
-        lam = damp * gram.diagonal().mean().clamp_min(1e-12)
-        solution = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), cross)  # [F', hidden]
-        mlp.down_proj.weight.copy_(solution.T.to(mlp.down_proj.weight.dtype))
-        # residual after the refit from the same statistics: ||aW - y||^2 = tr(W'GW) - 2 tr(W'C) + ||y||^2
-        w = solution
-        resid = ((w.T @ gram @ w).trace() - 2 * (w.T @ cross).trace()).item() + err_den
-        errors_before.append(err_num / max(err_den, 1e-12))
-        errors_after.append(max(resid, 0.0) / max(err_den, 1e-12))
+        orig = o_layers[kept_layers[li]]
+        jobs = []
+        if attention:
+            jobs.append(("attn", layer.self_attn, layer.self_attn.o_proj, orig.self_attn))
+        if mlp:
+            jobs.append(("mlp", layer.mlp, layer.mlp.down_proj, orig.mlp))
+        for name, block, linear, original_block in jobs:
+            b, a = _fit(layer, hidden, kwargs, block=block, linear=linear, original_block=original_block,
+                        damp=damp, measure_only=measure_only)
+            errors.setdefault(f"{name}_rel_error_before", []).append(b)
+            errors.setdefault(f"{name}_rel_error_after", []).append(a)
         hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
         if progress is not None:
             progress.update(1)
-    return {"mlp_rel_error_before": sum(errors_before) / len(errors_before),
-            "mlp_rel_error_after": sum(errors_after) / len(errors_after)}
+    return {k: sum(v) / len(v) for k, v in errors.items()}
 
 
-def _store(into: dict[str, torch.Tensor], key: str) -> Any:
-    def hook(_m: Any, args: tuple) -> None:
-        into[key] = args[0]
-    return hook
+def refit_down_proj(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Tensor, *,
+                    batch_size: int = 4, damp: float = 0.01, progress: Any = None,
+                    measure_only: bool = False) -> dict[str, float]:
+    """:func:`refit` of the MLPs only (FFN-only pruning)."""
+    return refit(pruned, original, kept_layers, samples, attention=False, mlp=True, batch_size=batch_size,
+                 damp=damp, progress=progress, measure_only=measure_only)
 
 
 def _output(out: Any) -> torch.Tensor:

@@ -46,7 +46,7 @@ def packaged(tiny_models, text_files, tmp_path_factory):
     proc = run("package", str(tiny_models["llama"]), "--out", str(out), "--calib", str(text_files["calib"]),
                "--num-samples", "8", "--seq-len", "64", "--target-params", "0.8", "--multiple-of", "32",
                "--eval-text", str(text_files["eval"]), "--eval-max-tokens", "1024", "--format", "json",
-               "--no-progress")
+               "--distill-steps", "4", "--distill-samples", "8", "--distill-seq-len", "32", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)
 
@@ -62,11 +62,15 @@ def test_package_json_report_and_manifest(packaged):
     kv = after["num_layers"] * after["num_kv_heads"] * after["head_dim"] * 2 * 4  # K and V, float32
     assert manifest["kv_cache_bytes_per_token"] == kv
     q = manifest["quality"]
+    assert {"original", "pruned", "recovered"} <= set(q)  # a quality report for every stage
     assert q["pruned"]["perplexity"] > 1 and q["original"]["perplexity"] > 1 and 0 <= q["pruned"]["top1_agreement"] <= 1
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
-    if after["intermediate_size"] < manifest["shape_before"]["intermediate_size"]:  # FFN pruned: refit ran
-        refit = manifest["recovery"]["refit"]
-        assert refit["mlp_rel_error_after"] < refit["mlp_rel_error_before"]
+    assert q["recovered"]["prompts"]["completions"] and 0 <= q["recovered"]["prompts"]["prefix_agreement"] <= 1
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(manifest["files"])
+    rec = manifest["recovery"]
+    assert rec["schedule"] == "iterative" and len(rec["steps"]) == 2  # 0.8 in steps of at most 0.125
+    assert [s["distill"]["steps"] for s in rec["steps"]] == [2, 2]
+    fractions = [s["fraction"] for s in rec["steps"]]
+    assert fractions[0] > fractions[1] and fractions[1] <= 0.8
     assert verify_files(out, manifest) == []
     assert manifest["weight_bytes"] == (out / "model.safetensors").stat().st_size
     assert manifest["tool_versions"]["torch"] and manifest["source"]["fingerprint"]
@@ -80,15 +84,15 @@ def test_eval_matches_packaging_report(packaged, tiny_models, text_files):
                "--max-tokens", "1024", "--format", "json", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["perplexity"] == pytest.approx(report["quality"]["pruned"]["perplexity"], rel=1e-4)
-    assert result["top1_agreement"] == pytest.approx(report["quality"]["pruned"]["top1_agreement"], abs=1e-6)
+    assert result["perplexity"] == pytest.approx(report["quality"]["recovered"]["perplexity"], rel=1e-4)
+    assert result["top1_agreement"] == pytest.approx(report["quality"]["recovered"]["top1_agreement"], abs=1e-6)
     assert result["base"]["perplexity"] == pytest.approx(report["quality"]["original"]["perplexity"], rel=1e-4)
 
 
 def test_scores_are_cached_between_runs(packaged, tiny_models, text_files, tmp_path):
     proc = run("package", str(tiny_models["llama"]), "--out", str(tmp_path / "o"), "--calib",
                str(text_files["calib"]), "--num-samples", "8", "--seq-len", "64", "--keep-ffn", "128",
-               "--multiple-of", "32", "--no-progress")
+               "--multiple-of", "32", "--no-recover", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "reusing" in proc.stderr
 
@@ -114,8 +118,8 @@ def _truncate(d):
 BAD_INPUTS = {
     "unsupported architecture": (lambda d: _set_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"]),
                                  ["--target-params", "0.8"], "GPT2LMHeadModel' is not supported; supported:"),
-    "target above 1": (None, ["--target-params", "1.5"], "--target-params must be a fraction in (0, 1]"),
-    "target zero": (None, ["--target-params", "0"], "--target-params must be a fraction in (0, 1]"),
+    "target above 1": (None, ["--target-params", "1.5"], "--target-params: must be a fraction in (0, 1)"),
+    "target zero": (None, ["--target-params", "0"], "--target-params: must be a fraction in (0, 1)"),
     "heads break GQA": (None, ["--keep-heads", "5"], "cannot be split evenly over 2 KV groups"),
     "truncated weights": (_truncate, ["--target-params", "0.8"], "is truncated"),
     "missing weights": (lambda d: (d / "model.safetensors").unlink(), ["--target-params", "0.8"], "no *.safetensors"),
@@ -151,7 +155,7 @@ def test_existing_output_without_overwrite(tiny_models, text_files, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     proc = run("package", str(tiny_models["llama"]), "--out", str(out), "--keep-ffn", "128", "--multiple-of", "32",
-               "--calib", str(text_files["calib"]))
+               "--calib", str(text_files["calib"]), "--no-recover")
     assert proc.returncode == 1
     assert error_lines(proc) == [f"error: output folder {out} already exists; pass --overwrite to replace it "
                                  "(it is only replaced after the new output is complete)"]
@@ -172,7 +176,7 @@ def test_failure_while_writing_leaves_old_output(tiny_models, text_files, tmp_pa
 
     monkeypatch.setattr(pkg, "write_manifest", disk_full)
     opts = PackageOptions(model=str(tiny_models["llama"]), out=out, overwrite=True, keep_ffn=128, multiple_of=32,
-                          calib=(str(text_files["calib"]),), num_samples=4, seq_len=32)
+                          calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False)
     with pytest.raises(OSError, match="No space left"):
         pkg.package(opts, progress=False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -38,7 +38,7 @@ def test_group_size_fails_before_any_weight_is_loaded(tiny_models, text_files, t
 
     monkeypatch.setattr(pkg, "load_model", no_loading)
     opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "o", keep_ffn=128, multiple_of=32,
-                          quant="w4a16", group_size=128, calib=(str(text_files["calib"]),))
+                          quant="w4a16", group_size=128, calib=(str(text_files["calib"]),), recover=False)
     with pytest.raises(UsageError, match="does not divide"):
         pkg.package(opts, progress=False)
     with pytest.raises(InvalidTargetError, match="nothing to do"):
@@ -53,7 +53,7 @@ def test_quantized_package_is_compressed_tensors(scheme, tiny_models, text_files
 
     opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / scheme, keep_ffn=128, multiple_of=32,
                           quant=scheme, calib=(str(text_files["calib"]),), num_samples=8, seq_len=64,
-                          eval_text=(str(text_files["eval"]),), eval_max_tokens=512)
+                          eval_text=(str(text_files["eval"]),), eval_max_tokens=512, recover=False)
     m = package(opts, progress=False).manifest
     cfg = json.loads((tmp_path / scheme / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"

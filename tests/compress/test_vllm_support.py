@@ -23,7 +23,7 @@ def pruned_tiny(tiny_models, text_files, tmp_path_factory):
     for arch, src in tiny_models.items():
         heads = {"keep_kv_heads": 1, "keep_heads": 2} if SUPPORTED[arch].prune_heads else {}
         opts = PackageOptions(model=str(src), out=root / arch, calib=(str(text_files["calib"]),), num_samples=8,
-                              seq_len=64, keep_ffn=128, drop_layers=1, multiple_of=32, **heads)
+                              seq_len=64, keep_ffn=128, drop_layers=1, multiple_of=32, recover=False, **heads)
         out[arch] = package(opts, progress=False).out
     return out
 

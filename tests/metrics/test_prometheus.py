@@ -63,7 +63,8 @@ def test_series_read_back_through_prometheus(prometheus, tiny_models, text_files
 
     prom, metrics_port = prometheus
     out = package(PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "pkg", keep_ffn=128, multiple_of=32,
-                                 calib=(str(text_files["calib"]),), num_samples=4, seq_len=32), progress=False).out
+                                 calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False),
+                          progress=False).out
     manifest = json.loads((out / "serve_pruned.json").read_text())
     port = free_port()
     serve = subprocess.Popen([EXE, "serve", str(out), "--instances", "2", "--port", str(port), "--metrics-port",

@@ -78,7 +78,7 @@ def test_footprint_from_a_packaged_folder(tiny_models, text_files, tmp_path):
 
     out = package(PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "p", keep_kv_heads=1,
                                  keep_heads=3, keep_ffn=128, multiple_of=32, calib=(str(text_files["calib"]),),
-                                 num_samples=4, seq_len=32), progress=False).out
+                                 num_samples=4, seq_len=32, recover=False), progress=False).out
     m = json.loads((out / "serve_pruned.json").read_text())
     fp = ModelFootprint.from_folder(out)
     assert (fp.weight_bytes, fp.kv_bytes_per_token) == (m["weight_bytes"], m["kv_cache_bytes_per_token"])

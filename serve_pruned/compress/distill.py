@@ -1,0 +1,233 @@
+"""Recovery by knowledge distillation: the pruned model (student) learns the original's (teacher's)
+next-token distributions on calibration text.
+
+Loss: KL(teacher || student) on temperature-softened logits (Hinton et al.; Minitron uses logit KD
+alone), optionally plus a cosine loss between the two models' final hidden states (pruning never
+changes the hidden size, so they are comparable without a projection). AdamW, linear warm-up then
+cosine decay. Batches are a pure function of (seed, step), so a run interrupted at step k and resumed
+from its checkpoint sees exactly the batches it would have seen.
+
+Checkpoints are safetensors only (student weights, AdamW moments) plus a JSON state file: nothing
+pickled is ever loaded back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serve_pruned.atomic import atomic_write_text
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How much and how to distill.
+
+    Attributes:
+        steps: optimizer steps.
+        lr: peak learning rate (AdamW).
+        batch_size: sequences per step.
+        temperature: softmax temperature of the KL term (the loss is scaled by T^2).
+        hidden_weight: weight of the final-hidden-state cosine loss (0 = logits only).
+        warmup_steps: linear warm-up before the cosine decay.
+        weight_decay: AdamW weight decay.
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        dtype: compute dtype of the forward passes (bfloat16 autocast where it helps).
+        seed: batch order.
+    """
+
+    steps: int
+    lr: float = 1e-4
+    batch_size: int = 4
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    checkpoint_every: int = 25
+    dtype: str = "float32"
+    seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(self.steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def batch_indices(n_samples: int, *, step: int, batch_size: int, seed: int) -> list[int]:
+    """Sample indices of step ``step``: epochs of seeded permutations, so any step is reproducible."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n_samples)
+        perm = list(range(n_samples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = min(batch_size - len(out), n_samples - offset)
+        out.extend(perm[offset : offset + take])
+        pos += take
+    return out
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) at ``temperature``, times T^2 (gradient scale kept)."""
+    t = temperature
+    s = torch.log_softmax(student_logits.float() / t, dim=-1)
+    p = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (p.exp() * (p - s)).sum(-1)
+    return kl.mean() * (t * t)
+
+
+def _params(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    # named_parameters() yields a tied embedding once: the checkpoint holds one copy
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _save_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    named = _params(model)
+    weights = {n: p.detach().contiguous() for n, p in named}
+    moments: dict[str, torch.Tensor] = {}
+    for n, p in named:
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                moments[f"{key}/{n}"] = st[key].contiguous()
+    for name, tensors in (("student.safetensors", weights), ("optimizer.safetensors", moments)):
+        tmp = folder / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, folder / name)
+    # the state file is written last: it is what makes the checkpoint count
+    atomic_write_text(folder / "state.json", json.dumps(state, indent=2) + "\n")
+
+
+def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, settings: DistillSettings,
+                     ) -> dict[str, Any] | None:
+    from safetensors.torch import load_file
+
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text())
+    if state.get("settings") != asdict(settings):
+        return None  # another run's checkpoint (different budget or lr): start over
+    weights = load_file(str(folder / "student.safetensors"))
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    named = _params(model)
+    if {n for n, _ in named} != set(weights):
+        return None
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(weights[n])
+            if f"exp_avg/{n}" in moments:
+                opt.state[p] = {"step": torch.tensor(float(state["step"])),
+                                "exp_avg": moments[f"exp_avg/{n}"].to(p.dtype),
+                                "exp_avg_sq": moments[f"exp_avg_sq/{n}"].to(p.dtype)}
+    return state
+
+
+def distill(
+    student: Any,
+    teacher: Any,
+    samples: torch.Tensor,
+    *,
+    settings: DistillSettings,
+    checkpoint_dir: Path | None = None,
+    progress: Any = None,
+    time_budget_s: float | None = None,
+) -> dict[str, Any]:
+    """Train ``student`` in place to match ``teacher`` on ``samples`` (token ids, (n, seq_len)).
+
+    Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same settings. With
+    ``time_budget_s`` training stops early (after a checkpoint) once the budget is spent.
+
+    Returns:
+        A summary: steps done, tokens seen, first/last loss (mean of up to 10 steps), seconds,
+        and the step it resumed from.
+    """
+    if settings.steps < 1:
+        raise ValueError("distillation needs at least one step")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    student.to(device)
+    teacher.to(device)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    named = _params(student)
+    opt = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=(0.9, 0.95),
+                            weight_decay=settings.weight_decay)
+    start, losses_before = 0, []
+    resumed = None
+    if checkpoint_dir is not None:
+        state = _load_checkpoint(checkpoint_dir, student, opt, settings)
+        if state is not None:
+            start, resumed, losses_before = int(state["step"]), int(state["step"]), list(state["losses"])
+    losses: list[float] = list(losses_before)
+    autocast = settings.dtype == "bfloat16"
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress.update(start)
+    step = start
+    for step in range(start, settings.steps):
+        idx = batch_indices(len(samples), step=step, batch_size=settings.batch_size, seed=settings.seed)
+        x = samples[idx].to(device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)
+            s_out = student(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)
+        loss = kd_loss(s_out.logits, t_out.logits, settings.temperature)
+        if settings.hidden_weight > 0:
+            cos = torch.nn.functional.cosine_similarity(
+                s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float(), dim=-1)
+            loss = loss + settings.hidden_weight * (1.0 - cos).mean()
+        for group in opt.param_groups:
+            group["lr"] = settings.lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        opt.step()
+        losses.append(round(loss.item(), 5))
+        del t_out, s_out, loss
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}", refresh=False)
+        done = step + 1
+        out_of_time = time_budget_s is not None and time.perf_counter() - t0 >= time_budget_s
+        if checkpoint_dir is not None and (
+            done == settings.steps or out_of_time
+            or (settings.checkpoint_every and done % settings.checkpoint_every == 0)):
+            _save_checkpoint(checkpoint_dir, student, opt,
+                             {"step": done, "losses": losses, "settings": asdict(settings)})
+        if out_of_time:
+            break
+    student.eval()
+    student.to("cpu")
+    teacher.to("cpu")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    steps_done = len(losses)
+    head, tail = losses[:10], losses[-10:]
+    return {
+        "steps": steps_done,
+        "steps_planned": settings.steps,
+        "tokens": steps_done * settings.batch_size * int(samples.shape[1]),
+        "loss_first": round(sum(head) / max(len(head), 1), 5),
+        "loss_last": round(sum(tail) / max(len(tail), 1), 5),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "resumed_from_step": resumed,
+        "settings": asdict(settings),
+    }
