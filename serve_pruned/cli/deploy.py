@@ -15,21 +15,8 @@ import click
 import yaml
 
 from serve_pruned.cli.main import format_option, handle_errors, info
+from serve_pruned.manifests.kustomize import EXAMPLE_MODEL, EXAMPLE_MODEL_DIR, OVERLAYS
 
-# The examples under k8s/overlays, as `deploy render` options (the guides show the same lines).
-OVERLAYS: dict[str, list[str]] = {
-    "cpu-dev": ["--mode", "cpu", "--instances-per-gpu", "2", "--max-model-len", "2048", "--concurrency", "8",
-                "--cpu-memory", "12GiB", "--cache", "emptyDir", "--cache-size", "2Gi",
-                "--pull-policy", "IfNotPresent"],
-    "gpu-colocated": ["--gpu", "L4", "--instances-per-gpu", "3", "--replicas", "2", "--max-model-len", "4096",
-                      "--concurrency", "16", "--service-monitor", "--prometheus-rule", "--autoscaling", "keda",
-                      "--min-replicas", "2", "--max-replicas", "6"],
-    "mig": ["--gpu", "H100-80GB-MIG-1g.10gb", "--instances-per-gpu", "2", "--replicas", "2",
-            "--max-model-len", "4096", "--concurrency", "16", "--pod-monitor", "--autoscaling", "hpa",
-            "--min-replicas", "2", "--max-replicas", "8"],
-}
-EXAMPLE_MODEL = "my-org/smollm2-p75-w8a8@v1"
-EXAMPLE_MODEL_DIR = "k8s/example-model"
 REGENERATE = f"serve-pruned deploy kustomize k8s --model {EXAMPLE_MODEL} --model-dir {EXAMPLE_MODEL_DIR}"
 
 
