@@ -17,6 +17,7 @@ import yaml
 from serve_pruned.cli.main import format_option, handle_errors, info
 from serve_pruned.manifests.kustomize import EXAMPLE_MODEL, EXAMPLE_MODEL_DIR, OVERLAYS
 
+CHART = "deploy/helm/serve-pruned"
 REGENERATE = f"serve-pruned deploy kustomize k8s --model {EXAMPLE_MODEL} --model-dir {EXAMPLE_MODEL_DIR}"
 
 
@@ -210,11 +211,13 @@ def render_cmd(output: str, values_out: Path | None, **o: Any) -> None:
 @click.option("--model", default=EXAMPLE_MODEL, show_default=True, metavar="REPO@REVISION")
 @click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=EXAMPLE_MODEL_DIR,
               show_default=True)
+@click.option("--chart", type=click.Path(path_type=Path, file_okay=False), default=CHART, show_default=True,
+              help="Also write this Helm chart's values.yaml (the gpu-colocated example) and values.schema.json.")
 @handle_errors
-def kustomize_cmd(root: Path, model: str, model_dir: Path) -> None:
+def kustomize_cmd(root: Path, model: str, model_dir: Path, chart: Path) -> None:
     """Regenerate ROOT/base and ROOT/overlays/{cpu-dev,gpu-colocated,mig} (the committed k8s/ tree)."""
     from serve_pruned.manifests import build
-    from serve_pruned.manifests.kustomize import write_tree
+    from serve_pruned.manifests.kustomize import write_chart_values, write_tree
 
     specs = {}
     for name, args in OVERLAYS.items():
@@ -222,6 +225,8 @@ def kustomize_cmd(root: Path, model: str, model_dir: Path) -> None:
         params = {k: v for k, v in ctx.params.items() if k not in ("output", "values_out")}
         specs[name] = spec_from_options(**params)
     summary = write_tree(root, specs, build=build, command=REGENERATE)
+    if chart.is_dir():
+        write_chart_values(chart, specs["gpu-colocated"], command=REGENERATE)
     info(f"wrote {root}/base ({len(summary['base'])} objects) and overlays "
          + ", ".join(f"{n} ({len(k)})" for n, k in summary["overlays"].items()))
 

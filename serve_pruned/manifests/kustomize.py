@@ -84,3 +84,15 @@ def write_tree(root: Path, overlays: dict[str, DeploySpec], *, build: Callable[[
             _write_files(folder, own, resources=["../../base"], command=command)
             summary["overlays"][name] = [o["kind"] for o in own]
     return summary
+
+
+def write_chart_values(chart: Path, spec: DeploySpec, *, command: str) -> None:
+    """The Helm chart's values.yaml (this spec, camelCase) and values.schema.json (the spec's JSON schema),
+    so the chart refuses exactly what the spec refuses."""
+    from serve_pruned.atomic import atomic_write_text
+
+    values = yaml.safe_dump(spec.model_dump(by_alias=True, mode="json"), sort_keys=False)
+    note = "# Values with the planner's bytes for your model: serve-pruned deploy render ... --values-out FILE\n"
+    atomic_write_text(chart / "values.yaml", HEADER.format(command=command) + note + values)
+    schema = DeploySpec.model_json_schema(by_alias=True)
+    atomic_write_text(chart / "values.schema.json", json.dumps(schema, indent=2) + "\n")

@@ -291,11 +291,16 @@ def test_committed_k8s_tree_is_the_generated_one(tmp_path):
     import shutil
 
     shutil.copytree(EXAMPLE_MODEL_DIR, tmp_path / "k8s" / "example-model")
+    chart = tmp_path / "chart"
+    chart.mkdir()
     r = CliRunner().invoke(cli, ["deploy", "kustomize", str(tmp_path / "k8s"), "--model-dir",
-                                 str(tmp_path / "k8s" / "example-model")])
+                                 str(tmp_path / "k8s" / "example-model"), "--chart", str(chart)])
     assert r.exit_code == 0, r.output
     fresh = {p.relative_to(tmp_path / "k8s"): p.read_text() for p in (tmp_path / "k8s").rglob("*.yaml")}
     committed = {p.relative_to(ROOT / "k8s"): p.read_text() for p in (ROOT / "k8s").rglob("*.yaml")}
     assert fresh.keys() == committed.keys(), "run: make k8s"
     for path, text in fresh.items():
         assert committed[path] == text, f"k8s/{path} is stale; run: make k8s"
+    helm = ROOT / "deploy" / "helm" / "serve-pruned"
+    for name in ("values.yaml", "values.schema.json"):
+        assert (chart / name).read_text() == (helm / name).read_text(), f"{name} is stale; run: make k8s"
