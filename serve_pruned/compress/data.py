@@ -23,6 +23,7 @@ class TextSource:
 
     name: str
     docs: list[str]
+    generate: int = 0  # ``generated:N``: N continuations the original model writes (filled in after loading)
 
     @property
     def chars(self) -> int:
@@ -73,6 +74,12 @@ def _load_dataset(name: str, text_field: str, split: str) -> list[str]:
 def read_source(spec: str, *, text_field: str = "text", split: str = "train") -> TextSource:
     """Read one source: a .txt/.md/.rst file, a .jsonl file, a folder of those, or ``hf:NAME``/``owner/name``."""
     path = Path(spec).expanduser()
+    if spec.startswith("generated:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise CalibrationDataError(f"{spec}: the number of generated samples must be a positive integer",
+                                       path=spec, hint="e.g. --calib generated:64")
+        return TextSource(spec, [], generate=int(count))
     if spec.startswith("hf:"):
         return TextSource(spec, _load_dataset(spec[3:], text_field, split))
     if path.is_dir():
@@ -189,3 +196,49 @@ FACT_PROMPTS = (
     "A week has seven days. The day after Monday is",
     "The opposite of hot is",
 )
+
+
+# Openings across everyday domains: the original model's own continuations of them are calibration
+# text that keeps what it knows beyond the user's domain (general prose, facts), with no dataset needed.
+GENERATION_PROMPTS = (
+    "The history of the Roman Empire", "Photosynthesis is the process", "The best way to cook rice is",
+    "In the year 1969, astronauts", "The human heart has four chambers", "Paris is the capital of France and",
+    "A healthy breakfast usually includes", "The theory of evolution explains", "Football is played by two teams",
+    "The Amazon rainforest is home to", "To write a good essay, you should", "The moon orbits the Earth",
+    "Mount Everest is the highest", "Shakespeare wrote many plays, including", "Electricity flows through",
+    "The United Nations was founded", "Dogs have been companions to humans", "The stock market is a place where",
+    "Climate change refers to", "Music has been part of human culture", "The Pacific Ocean is the largest",
+    "A computer program is a set of instructions", "The French Revolution began in", "Vitamins are nutrients that",
+    "The Great Wall of China was built", "Learning a new language takes", "Volcanoes form when",
+    "The solar system consists of the Sun and", "Once upon a time, in a small village,", "Dear friend, I am writing to",
+    "The recipe for a simple tomato soup", "Bees are important because",
+)
+
+
+def generate_texts(model: Any, tokenizer: Any, count: int, *, max_new_tokens: int, seed: int,
+                   batch_size: int = 8, progress: Any = None) -> list[str]:
+    """``count`` sampled continuations (temperature 0.8, top-p 0.95) of :data:`GENERATION_PROMPTS`."""
+    import torch
+
+    torch.manual_seed(seed)
+    prompts = [GENERATION_PROMPTS[i % len(GENERATION_PROMPTS)] for i in range(count)]
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts: list[str] = []
+    try:
+        for i in range(0, count, batch_size):
+            batch = prompts[i : i + batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens,
+                                     min_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            for prompt, row in zip(batch, out[:, enc["input_ids"].shape[1] :], strict=True):
+                texts.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        tokenizer.padding_side = side
+        tokenizer.pad_token = pad
+    return texts

@@ -285,6 +285,26 @@ def _load_step(folder: Path, like: Any) -> tuple[_Current, dict[str, Any]] | Non
     return _Current(model, d["config"], Shape(**d["shape"]), Selection(**d["kept"]), d["params"]), d["report"]
 
 
+def _generated(model: Any, tokenizer: Any, count: int, *, fingerprint: str, seq_len: int, seed: int,
+               progress: bool, log: Log) -> list[str]:
+    """The ``generated:N`` calibration source: the original model's own continuations, cached on disk."""
+    from serve_pruned.atomic import atomic_write_text
+    from serve_pruned.compress.data import generate_texts
+
+    path = cache_root() / "generated" / f"{fingerprint[:24]}-{count}x{seq_len}-s{seed}.json"
+    if path.is_file():
+        log(f"generated calibration text: reusing {path}")
+        return list(json.loads(path.read_text()))
+    bar = _progress(count, f"generating {count} calibration texts with the original model", progress)
+    try:
+        texts = generate_texts(model, tokenizer, count, max_new_tokens=seq_len, seed=seed, progress=bar)
+    finally:
+        bar.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(texts))
+    return texts
+
+
 def _run_key(opts: PackageOptions, fingerprint: str, calib_fp: str) -> str:
     """Identifies the pruning + recovery a run does (not its output, evaluation or quantization)."""
     skip = {"out", "overwrite", "eval_text", "eval_ood_text", "eval_max_tokens", "eval_seq_len", "eval_baseline",
@@ -405,6 +425,9 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                                    hint="pass --calib FILE (repeat it to mix sources)")
     calib_sources = read_sources(list(opts.calib), text_field=opts.text_field) if opts.calib else []
     eval_sources = read_sources(list(opts.eval_text), text_field=opts.text_field) if opts.eval_text else []
+    if any(s.generate for s in eval_sources):
+        raise CalibrationDataError("generated text cannot be evaluation text: it is the original model's own output",
+                                   path="generated:", hint="evaluate on held-out text the model did not write")
     ood_sources = read_sources(list(opts.eval_ood_text), text_field=opts.text_field) if opts.eval_ood_text else []
     license_id = opts.license or source_license(src.path)
     _require_torch()
@@ -422,6 +445,11 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     tokenizer = load_tokenizer(src.path, trust_remote_code=opts.trust_remote_code)
     model = load_model(src.path, dtype=opts.compute_dtype, trust_remote_code=opts.trust_remote_code)
     fingerprint = source_fingerprint(src)
+    for source in calib_sources:
+        if source.generate:
+            source.docs = _generated(model, tokenizer, source.generate, fingerprint=fingerprint,
+                                     seq_len=max(opts.seq_len, opts.distill_seq_len), seed=opts.seed,
+                                     progress=progress, log=log)
     samples = None
     calib_fp = fingerprint_sources(calib_sources) if calib_sources else ""
     if calib_sources:

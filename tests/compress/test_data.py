@@ -68,3 +68,23 @@ def test_text_shorter_than_one_sample(tokenizer_dir, tmp_path):
     with pytest.raises(CalibrationDataError, match="too short"):
         calibration_samples(AutoTokenizer.from_pretrained(tokenizer_dir), read_sources([str(f)]), num_samples=2,
                             seq_len=64, seed=0)
+
+
+def test_generated_source_is_the_models_own_text_and_reproducible(tiny_models, tokenizer_dir):
+    pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+
+    from serve_pruned.compress.data import GENERATION_PROMPTS, generate_texts, read_source
+    from serve_pruned.compress.model_io import load_model
+
+    assert read_source("generated:3").generate == 3
+    with pytest.raises(CalibrationDataError, match="positive integer"):
+        read_source("generated:zero")
+    model = load_model(tiny_models["llama"], dtype="float32", trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    side, pad = tok.padding_side, tok.pad_token
+    texts = generate_texts(model, tok, 3, max_new_tokens=12, seed=0, batch_size=2)
+    assert len(texts) == 3
+    assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(texts, GENERATION_PROMPTS[:3], strict=True))
+    assert generate_texts(model, tok, 3, max_new_tokens=12, seed=0, batch_size=2) == texts
+    assert (tok.padding_side, tok.pad_token) == (side, pad)  # the tokenizer's settings are restored

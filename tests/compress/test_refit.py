@@ -41,3 +41,34 @@ def test_refit_lowers_mlp_error_and_held_out_loss(arch, tiny_models, tokenizer_d
     assert report["mlp_rel_error_after"] < report["mlp_rel_error_before"]
     assert held_after < held_before  # the fit carries over to tokens it never saw
     assert not pruned.model.layers[0].mlp.down_proj.weight.equal(weights)
+
+
+def test_refit_of_o_proj_after_head_pruning(tiny_models, tokenizer_dir, text_files):
+    """Query heads and a KV group pruned: the refit fits each attention's o_proj to the original attention."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from serve_pruned.compress.data import calibration_samples, read_sources
+    from serve_pruned.compress.refit import refit
+
+    path = tiny_models["llama"]
+    cfg = json.loads((path / "config.json").read_text())
+    model = load_model(path, dtype="float32", trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    samples = calibration_samples(tok, read_sources([str(text_files["calib"])]), num_samples=16, seq_len=64, seed=0)
+    held_out = calibration_samples(tok, read_sources([str(text_files["eval"])]), num_samples=8, seq_len=64, seed=1)
+    before = Shape.from_config(cfg)
+    after = Shape(before.num_layers, 4, 2, before.head_dim, 192)  # 6 -> 4 query heads, FFN 256 -> 192
+    scores = compute_scores(collect_stats(model, samples), model, before, "activation")
+    sel = select(scores, before, after)
+    pruned, _ = prune_model(model, cfg, before, after, sel)
+    held_before = refit(pruned, model, sel.layers, held_out, measure_only=True)
+    original_o = model.model.layers[0].self_attn.o_proj.weight.clone()
+    report = refit(pruned, model, sel.layers, samples)
+    held_after = refit(pruned, model, sel.layers, held_out, measure_only=True)
+    assert report["attn_rel_error_after"] < report["attn_rel_error_before"]
+    assert report["mlp_rel_error_after"] < report["mlp_rel_error_before"]
+    assert held_after["attn_rel_error_before"] < held_before["attn_rel_error_before"]
+    assert held_after["mlp_rel_error_before"] < held_before["mlp_rel_error_before"]
+    assert model.model.layers[0].self_attn.o_proj.weight.equal(original_o)  # the original is never touched

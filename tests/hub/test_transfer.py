@@ -191,7 +191,8 @@ def test_push_refuses_a_folder_that_is_not_a_verified_package(hub, variants, tin
 def test_package_push(hub, tiny_models, text_files, tmp_path):
     proc = cli(hub, tmp_path / "home", "package", str(tiny_models["llama"]), "--out", str(tmp_path / "p"),
                "--keep-ffn", "128", "--multiple-of", "32", "--calib", str(text_files["calib"]), "--num-samples",
-               "4", "--seq-len", "32", "--no-recover", "--push", REPO, "--push-tag", "v1", "--format", "json", "--no-progress")
+               "4", "--seq-len", "32", "--no-recover", "--push", REPO, "--push-tag", "v1", "--format", "json",
+               "--no-progress")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert hub.refs(REPO)["tags"]["v1"] == report["push"]["commit_sha"]

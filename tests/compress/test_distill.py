@@ -1,0 +1,111 @@
+"""Recovery by logit distillation: the student moves toward the teacher, training is resumable from a
+checkpoint to the same result, and the teacher is never changed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from serve_pruned.compress.distill import DistillSettings, batch_indices, distill, kd_loss  # noqa: E402
+from serve_pruned.compress.importance import collect_stats, compute_scores, select  # noqa: E402
+from serve_pruned.compress.model_io import load_model  # noqa: E402
+from serve_pruned.compress.package import _own_weights, step_targets  # noqa: E402
+from serve_pruned.compress.prune import prune_model  # noqa: E402
+from serve_pruned.compress.shapes import Shape  # noqa: E402
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise():
+    a = torch.randn(2, 5, 11)
+    assert kd_loss(a, a, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(a, a + torch.randn(2, 5, 11), 2.0).item() > 0
+
+
+def test_batches_are_a_function_of_the_step():
+    seen = [batch_indices(10, step=s, batch_size=4, seed=3) for s in range(5)]
+    assert seen == [batch_indices(10, step=s, batch_size=4, seed=3) for s in range(5)]
+    flat = [i for b in seen for i in b]
+    assert sorted(flat[:10]) == list(range(10))  # the first epoch visits every sample once
+    assert seen != [batch_indices(10, step=s, batch_size=4, seed=4) for s in range(5)]
+
+
+@pytest.mark.parametrize(("target", "step", "expected"), [
+    (0.75, 0.125, [0.875, 0.75]), (0.75, 0.1, [0.9167, 0.8333, 0.75]), (0.9, 0.125, [0.9]), (0.5, 0.5, [0.5]),
+])
+def test_step_targets(target, step, expected):
+    assert [round(x, 4) for x in step_targets(target, step)] == expected
+
+
+@pytest.fixture()
+def student_teacher(tiny_models, tokenizer_dir, text_files):
+    from transformers import AutoTokenizer
+
+    from serve_pruned.compress.data import calibration_samples, read_sources
+
+    path = tiny_models["llama"]
+    cfg = json.loads((path / "config.json").read_text())
+    teacher = load_model(path, dtype="float32", trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    samples = calibration_samples(tok, read_sources([str(text_files["calib"])]), num_samples=16, seq_len=32, seed=0)
+    before = Shape.from_config(cfg)
+    after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 96)
+    sel = select(compute_scores(collect_stats(teacher, samples), teacher, before, "activation"), before, after)
+    student, _ = prune_model(teacher, cfg, before, after, sel)
+    _own_weights(student, teacher)
+    return student, teacher, samples
+
+
+def _kl(student, teacher, samples) -> float:
+    with torch.no_grad():
+        return kd_loss(student(input_ids=samples).logits, teacher(input_ids=samples).logits, 1.0).item()
+
+
+def test_distillation_moves_the_student_toward_the_teacher(student_teacher):
+    student, teacher, samples = student_teacher
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = _kl(student, teacher, samples)
+    report = distill(student, teacher, samples, settings=DistillSettings(steps=20, lr=1e-3, batch_size=4,
+                                                                         warmup_steps=2))
+    after = _kl(student, teacher, samples)
+    assert after < 0.8 * before, (before, after)
+    assert report["steps"] == 20 and report["tokens"] == 20 * 4 * 32
+    assert all(v.equal(teacher.state_dict()[k]) for k, v in teacher_state.items())  # the teacher is untouched
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_interrupted_distillation_resumes_to_the_same_weights(student_teacher, tmp_path):
+    import copy
+
+    student, teacher, samples = student_teacher
+    settings = DistillSettings(steps=6, lr=1e-3, batch_size=4, warmup_steps=2, checkpoint_every=2)
+    straight = copy.deepcopy(student)
+    distill(straight, teacher, samples, settings=settings)
+
+    class Interrupt(Exception):
+        pass
+
+    class StopAfter:  # a progress bar that raises as Ctrl-C would, after 3 steps
+        n = 0
+
+        def update(self, k):
+            self.n += k
+            if self.n == 3:
+                raise Interrupt
+
+        def set_postfix(self, **_kw):
+            pass
+
+    resumed = copy.deepcopy(student)
+    with pytest.raises(Interrupt):
+        distill(resumed, teacher, samples, settings=settings, checkpoint_dir=tmp_path, progress=StopAfter())
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 2  # the last checkpoint kept
+    fresh = copy.deepcopy(student)  # a new process: weights as pruned, the checkpoint on disk
+    report = distill(fresh, teacher, samples, settings=settings, checkpoint_dir=tmp_path)
+    assert report["resumed_from_step"] == 2 and report["steps"] == 6
+    for (name, a), (_, b) in zip(straight.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+    other = DistillSettings(steps=6, lr=5e-4, batch_size=4, warmup_steps=2, checkpoint_every=2)
+    again = copy.deepcopy(student)  # other settings never pick up this checkpoint
+    assert distill(again, teacher, samples, settings=other, checkpoint_dir=tmp_path)["resumed_from_step"] is None
