@@ -20,3 +20,25 @@ def test_support_table_matches_the_code():
     assert {arch: heads == "yes" for arch, heads in rows} == {
         s.architecture: s.prune_heads for s in SUPPORTED.values()
     }
+
+
+def test_every_flag_the_readme_shows_exists():
+    """Each `serve-pruned <command>` line in the README uses only options that command has."""
+    import shlex
+
+    import click
+
+    from serve_pruned.cli.main import cli
+
+    text = README.replace("\\\n", " ")
+    lines = [ln.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for ln in block.splitlines()
+             if ln.strip().startswith("serve-pruned ")]
+    assert len(lines) > 10
+    for line in lines:
+        args = shlex.split(line.split(" #")[0])[1:]
+        cmd: click.Command = cli
+        while isinstance(cmd, click.Group) and args and args[0] in cmd.commands:
+            cmd, args = cmd.commands[args[0]], args[1:]
+        known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        unknown = [a.split("=")[0] for a in args if a.startswith("--") and a.split("=")[0] not in known]
+        assert not unknown, f"{line!r}: {unknown}"
