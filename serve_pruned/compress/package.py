@@ -445,11 +445,15 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     tokenizer = load_tokenizer(src.path, trust_remote_code=opts.trust_remote_code)
     model = load_model(src.path, dtype=opts.compute_dtype, trust_remote_code=opts.trust_remote_code)
     fingerprint = source_fingerprint(src)
+    timings["load_s"] = time.perf_counter() - t
     for source in calib_sources:
         if source.generate:
+            t = time.perf_counter()
+            # texts of one distillation window each: the stream they form is cut into windows anyway
             source.docs = _generated(model, tokenizer, source.generate, fingerprint=fingerprint,
-                                     seq_len=max(opts.seq_len, opts.distill_seq_len), seed=opts.seed,
-                                     progress=progress, log=log)
+                                     seq_len=opts.distill_seq_len, seed=opts.seed, progress=progress, log=log)
+            timings["generate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     samples = None
     calib_fp = fingerprint_sources(calib_sources) if calib_sources else ""
     if calib_sources:
@@ -457,7 +461,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                                       seq_len=opts.seq_len, seed=opts.seed)
     ids = eval_tokens(tokenizer, eval_sources, max_tokens=opts.eval_max_tokens) if eval_sources else []
     ood_ids = eval_tokens(tokenizer, ood_sources, max_tokens=opts.eval_max_tokens) if ood_sources else []
-    timings["load_s"] = time.perf_counter() - t
+    timings["load_s"] += time.perf_counter() - t
     quality = _Quality(opts, tokenizer, ids, ood_ids, progress=progress, log=log)
     quality.reference = model if opts.eval_baseline else None
     if opts.eval_baseline:

@@ -148,3 +148,33 @@ def _read_json(proc: subprocess.Popen) -> str:
         text += ch
         depth += {"{": 1, "}": -1}.get(ch, 0)
     return text
+
+
+def test_w8a8_pipeline_report_covers_every_stage(smol_w8a8):
+    out, report = smol_w8a8
+    q = report["quality"]
+    assert [s for s in ("original", "pruned", "recovered", "quantized") if s in q] == [
+        "original", "pruned", "recovered", "quantized"]
+    assert q["recovered"]["perplexity"] < q["pruned"]["perplexity"]  # recovery helped, even on a small budget
+    steps = report["recovery"]["steps"]
+    assert report["recovery"]["schedule"] == "iterative" and len(steps) == 2
+    assert all(s["distill"]["steps"] == 8 and s["refit"] for s in steps)
+    card = (out / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "base_model_relation: finetune" in card
+    assert "license: apache-2.0" in card and f"vllm serve ./{out.name}" in card
+
+
+@pytest.mark.vllm
+def test_w8a8_perplexity_through_vllm_matches_the_report(smol_w8a8, docs_text):
+    from transformers import AutoTokenizer
+
+    from serve_pruned.serving.vllm import VLLMServer, free_port
+
+    out, report = smol_w8a8
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = eval_tokens(tok, read_sources([str(docs_text["tutorial"])]), max_tokens=2048)
+    with VLLMServer(str(out), free_port(), dtype="bfloat16", max_model_len=1024) as server:
+        ppl, count = server.perplexity(windows(ids, 512))
+    hf = report["quality"]["quantized"]
+    assert count == hf["tokens"]
+    assert ppl == pytest.approx(hf["perplexity"], rel=0.01)
