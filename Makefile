@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 VENV_MIRROR ?= .venv-mirror
 VENV_K8S ?= .venv-k8s
 
-.PHONY: help setup setup-system setup-package setup-serve setup-mirror setup-node setup-k8s k8s demo test test-fast lint bench clean
+.PHONY: help setup setup-system setup-package setup-serve setup-mirror setup-node setup-k8s setup-bench k8s demo test test-fast lint bench clean
 
 help:
 	@echo "make demo       set up, then prune + quantize the bundled SmolLM2-135M-Instruct and serve it in vLLM"
@@ -59,7 +59,7 @@ demo: setup
 	@set -euo pipefail; docs=$$(ls -d /usr/share/doc/python3*/html/_sources | head -n1); \
 	$(SP) example-model $(DEMO)/SmolLM2-135M-Instruct --overwrite >/dev/null; \
 	$(SP) package $(DEMO)/SmolLM2-135M-Instruct --out $(DEMO)/smollm2-p75-w8a8 --overwrite \
-	  --target-params $(DEMO_TARGET) --quant w8a8 --calib $$docs/howto --calib $$docs/faq --calib generated:64 \
+	  --target-params $(DEMO_TARGET) --quant w8a8 --calib $$docs/howto --calib $$docs/faq --calib generated:32 \
 	  --eval-text $$docs/tutorial --eval-ood-text /usr/share/common-licenses/GPL-3 --eval-max-tokens 8192; \
 	echo; echo "== perplexity through stock vLLM ($(VENV_SERVE)) =="; \
 	$(SP) eval $(DEMO)/smollm2-p75-w8a8 --backend vllm --text $$docs/tutorial --max-tokens 8192; \
@@ -80,13 +80,18 @@ lint: setup-package
 	$(VENV)/bin/ruff check serve_pruned tests bench
 	$(VENV)/bin/mypy
 
-bench: setup
+# benchmarks only: matplotlib and Torch-Pruning (its torch/numpy requirements are met by the packaging env's)
+setup-bench: setup-package
+	$(PY) -m pip install -q -e ".[bench]" -c packaging/constraints-package.txt
+
+bench: setup setup-bench
 	$(PY) bench/pipeline.py
 	$(PY) bench/frontier.py
 	$(PY) bench/scorers.py
 	$(PY) bench/serving.py
 	$(PY) bench/refit.py
 	$(PY) bench/exporter_scrape.py
+	$(PY) bench/torch_pruning.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -30,7 +30,7 @@ VARIANTS = {"no recovery": dict(recover=False, schedule="one-shot"),
 
 def run(src: Path, out: Path, target: float, variant: str, args: argparse.Namespace) -> dict:
     opts = PackageOptions(
-        model=str(src), out=out, target_params=target, calib=(str(DOCS / "howto"), str(DOCS / "faq"), "generated:64"),
+        model=str(src), out=out, target_params=target, calib=(str(DOCS / "howto"), str(DOCS / "faq"), "generated:32"),
         num_samples=args.num_samples, distill_steps=args.distill_steps, eval_text=(str(DOCS / "tutorial"),),
         eval_ood_text=(str(OOD),), eval_max_tokens=args.eval_tokens, eval_baseline=True, **VARIANTS[variant])
     t = time.perf_counter()
@@ -93,7 +93,7 @@ def main() -> None:
     plot(results, orig)
     budget = args.distill_steps * 4 * 256
     lines = ["## Frontier: perplexity against kept parameters, with and without recovery, one-shot vs iterative", "",
-             f"SmolLM2-135M-Instruct; calibration Python HOWTOs + FAQ + 64 generated texts ({args.num_samples} x 512 "
+             f"SmolLM2-135M-Instruct; calibration Python HOWTOs + FAQ + 32 generated texts ({args.num_samples} x 512 "
              f"tokens for scores, search and refit); recovery = refit + {args.distill_steps} distillation steps "
              f"({budget:,} tokens) in all, the same budget for one-shot and iterative (steps of at most 12.5% of the "
              f"parameters); perplexity on {args.eval_tokens} tokens of the Python tutorial (held out) and of GPL-3 "

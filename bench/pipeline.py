@@ -3,7 +3,7 @@ at --target-params 0.75 with recovery (iterative, refit + logit distillation) an
 of Python's docs and the original model's own generations; wall time, peak RSS, and the quality report
 (held-out Python tutorial, an out-of-domain licence, fact prompts) for every stage.
 
-    .venv/bin/python bench/pipeline.py [--distill-steps 200] [-- extra package flags]
+    .venv/bin/python bench/pipeline.py [--distill-steps 64] [-- extra package flags]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ STAGES = ("original", "pruned", "recovered", "quantized")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="0.75")
-    ap.add_argument("--distill-steps", default="200")
+    ap.add_argument("--distill-steps", default="64")
     ap.add_argument("extra", nargs="*", help="more `serve-pruned package` flags")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,7 +36,7 @@ def main() -> None:
         subprocess.run([EXE, "example-model", str(src)], check=True, capture_output=True)
         cmd = [EXE, "package", str(src), "--out", str(Path(tmp) / "out"), "--target-params", args.target,
                "--quant", "w8a8", "--calib", str(DOCS / "howto"), "--calib", str(DOCS / "faq"),
-               "--calib", "generated:64", "--distill-steps", args.distill_steps,
+               "--calib", "generated:32", "--distill-steps", args.distill_steps,
                "--eval-text", str(DOCS / "tutorial"), "--eval-ood-text", str(OOD), "--eval-max-tokens", "8192",
                "--format", "json", "--no-progress", *args.extra]
         t = time.perf_counter()
@@ -54,8 +54,8 @@ def main() -> None:
              f"peak RSS {max(child_rss, m['peak_rss_bytes']) / 2**30:.2f} GiB. Parameters "
              f"{m['params_before']:,} -> {m['params_after']:,} ({m['params_fraction']:.3f}); weight bytes "
              f"{m['weight_bytes_before']:,} -> {m['weight_bytes']:,}.", "",
-             "Calibration: Python HOWTOs + FAQ + 64 texts the original model generated from everyday prompts "
-             "(`--calib generated:64`). Held out: the Python tutorial (in domain), GPL-3 (out of domain), "
+             "Calibration: Python HOWTOs + FAQ + 32 texts the original model generated from everyday prompts "
+             "(`--calib generated:32`). Held out: the Python tutorial (in domain), GPL-3 (out of domain), "
              "8192 tokens each; fact prompts: greedy continuations compared with the original's.", "",
              "| stage | ppl held out | x orig | ppl out of domain | x orig | top-1 agreement | fact prompts |",
              "|---|---|---|---|---|---|---|"]

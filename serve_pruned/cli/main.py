@@ -169,7 +169,7 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="Refit each pruned block's output projection (o_proj, down_proj) by least squares so it "
               "reproduces the original block's output (closed form, no gradient steps).")
-@click.option("--distill-steps", type=int, default=200, show_default=True,
+@click.option("--distill-steps", type=int, default=64, show_default=True,
               help="Logit-distillation steps in all (spread over the pruning steps); 0 = refit only.")
 @click.option("--distill-lr", type=float, default=1e-4, show_default=True)
 @click.option("--distill-batch-size", type=int, default=4, show_default=True)
@@ -179,7 +179,8 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--distill-temperature", type=float, default=1.0, show_default=True)
 @click.option("--distill-hidden-weight", type=float, default=0.0, show_default=True,
               help="Weight of a cosine loss on the final hidden states (0 = logits only).")
-@click.option("--distill-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--distill-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Forward passes under bfloat16 autocast where the hardware computes it natively (auto).")
 @click.option("--distill-time-budget-s", type=float, help="Stop distilling after this many seconds in all.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Where recovery checkpoints go (default: the cache); a rerun resumes from them.")

@@ -51,9 +51,15 @@ def evaluate(
     seq_len: int = 512,
     batch_size: int = 4,
     reference: Any = None,
+    reference_top1: list[torch.Tensor] | None = None,
+    keep_top1: list[torch.Tensor] | None = None,
     progress: Any = None,
 ) -> QualityReport:
-    """Perplexity of ``model`` on ``ids`` (and top-1 agreement with ``reference`` when given)."""
+    """Perplexity of ``model`` on ``ids`` (and top-1 agreement with ``reference`` when given).
+
+    ``keep_top1`` collects this model's next-token argmax per batch; passed back later as
+    ``reference_top1`` it stands in for the reference model, so the reference runs once, not per stage.
+    """
     wins = windows(ids, seq_len)
     total_nll, count, agree = 0.0, 0, 0
     # full windows batch together; the short last one goes alone
@@ -61,16 +67,22 @@ def evaluate(
     full = [w for w in wins if len(w) == seq_len]
     batches.extend(full[i : i + batch_size] for i in range(0, len(full), batch_size))
     batches.extend([w] for w in wins if len(w) != seq_len)
-    for batch in batches:
+    compare = reference is not None or reference_top1 is not None
+    for bi, batch in enumerate(batches):
         x = torch.tensor(batch, dtype=torch.long)
         logits = model(input_ids=x, use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = x[:, 1:]
         total_nll -= logp.gather(-1, target.unsqueeze(-1)).sum().item()
         count += target.numel()
-        if reference is not None:
+        top1 = logits[:, :-1].argmax(-1)
+        if keep_top1 is not None:
+            keep_top1.append(top1)
+        if reference_top1 is not None:
+            agree += (reference_top1[bi] == top1).sum().item()
+        elif reference is not None:
             ref_logits = reference(input_ids=x, use_cache=False).logits
-            agree += (ref_logits[:, :-1].argmax(-1) == logits[:, :-1].argmax(-1)).sum().item()
+            agree += (ref_logits[:, :-1].argmax(-1) == top1).sum().item()
         if progress is not None:
             progress.update(len(batch))
     nll = total_nll / count
@@ -79,7 +91,7 @@ def evaluate(
         nll=nll,
         tokens=count,
         seq_len=seq_len,
-        top1_agreement=(agree / count) if reference is not None else None,
+        top1_agreement=(agree / count) if compare else None,
     )
 
 

@@ -324,6 +324,7 @@ class _Quality:
         self.prompts = list(opts.eval_prompts if opts.eval_prompts is not None else FACT_PROMPTS)
         self.report: dict[str, Any] = {}
         self.reference: Any = None
+        self.reference_top1: dict[str, list[Any]] = {}
         self.reference_continuations: list[list[int]] = []
         self.seconds = 0.0
 
@@ -338,16 +339,19 @@ class _Quality:
 
         t = time.perf_counter()
         is_original = name == "original"
-        reference = None if is_original else self.reference
         entry: dict[str, Any] = {}
         for key, ids in (("held_out", self.ids), ("out_of_domain", self.ood_ids)):
             if not ids:
                 continue
+            cached = self.reference_top1.get(key)
+            reference = None if is_original or cached is not None else self.reference
             n_win = -(-len(ids) // self.opts.eval_seq_len)
             bar = _progress(n_win * (2 if reference is not None else 1), f"evaluating {name} ({key})", self.progress)
             try:
+                keep: list[Any] | None = self.reference_top1.setdefault(key, []) if is_original else None
                 r = evaluate(model, ids, seq_len=self.opts.eval_seq_len, batch_size=self.opts.batch_size,
-                             reference=reference, progress=bar).to_dict()
+                             reference=reference, reference_top1=None if is_original else cached,
+                             keep_top1=keep, progress=bar).to_dict()
             finally:
                 bar.close()
             if key == "held_out":
