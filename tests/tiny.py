@@ -80,3 +80,30 @@ def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, *, dtype: str = 
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy2(f, dest / f.name)
     return dest
+
+
+def prune_tiny(model_dir: Path, tokenizer_dir: Path, calib: Path, *, heads: int | None = None,
+               kv_heads: int | None = None, ffn: int, num_samples: int = 16, seq_len: int = 64):
+    """Load a tiny model, score it on ``calib`` and prune it to the given counts.
+
+    Returns (original model, pruned model, selection, calibration samples, tokenizer).
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from serve_pruned.compress.data import calibration_samples, read_sources
+    from serve_pruned.compress.importance import collect_stats, compute_scores, select
+    from serve_pruned.compress.model_io import load_model
+    from serve_pruned.compress.prune import prune_model
+    from serve_pruned.compress.shapes import Shape
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    model = load_model(model_dir, dtype="float32", trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    samples = calibration_samples(tok, read_sources([str(calib)]), num_samples=num_samples, seq_len=seq_len, seed=0)
+    before = Shape.from_config(cfg)
+    after = Shape(before.num_layers, heads or before.num_heads, kv_heads or before.num_kv_heads, before.head_dim, ffn)
+    sel = select(compute_scores(collect_stats(model, samples), model, before, "activation"), before, after)
+    pruned, _ = prune_model(model, cfg, before, after, sel)
+    return model, pruned, sel, samples, tok

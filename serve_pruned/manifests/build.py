@@ -324,18 +324,15 @@ def build(spec: DeploySpec) -> list[Obj]:
     if spec.network_policy.enabled:
         objs.append(network_policy(spec))
     mon, release = spec.monitoring, {"release": spec.monitoring.release}
-    if mon.service_monitor:
-        objs.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
-                     "metadata": _meta(spec, spec.name, extra_labels=release),
-                     "spec": {"selector": {"matchLabels": selector(spec)},
-                              "namespaceSelector": {"matchNames": [spec.namespace]},
-                              "endpoints": _monitor_endpoints(spec)}})
-    if mon.pod_monitor:
-        objs.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
-                     "metadata": _meta(spec, spec.name, extra_labels=release),
-                     "spec": {"selector": {"matchLabels": selector(spec)},
-                              "namespaceSelector": {"matchNames": [spec.namespace]},
-                              "podMetricsEndpoints": _monitor_endpoints(spec)}})
+    # ServiceMonitor and PodMonitor differ only in kind and in the name of their endpoint list
+    for on, kind, endpoints in ((mon.service_monitor, "ServiceMonitor", "endpoints"),
+                                (mon.pod_monitor, "PodMonitor", "podMetricsEndpoints")):
+        if on:
+            objs.append({"apiVersion": "monitoring.coreos.com/v1", "kind": kind,
+                         "metadata": _meta(spec, spec.name, extra_labels=release),
+                         "spec": {"selector": {"matchLabels": selector(spec)},
+                                  "namespaceSelector": {"matchNames": [spec.namespace]},
+                                  endpoints: _monitor_endpoints(spec)}})
     if mon.prometheus_rule:
         objs.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
                      "metadata": _meta(spec, spec.name, extra_labels=release),

@@ -9,12 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tiny import prune_tiny  # noqa: E402
+
 from serve_pruned.compress.distill import DistillSettings, batch_indices, distill, kd_loss  # noqa: E402
-from serve_pruned.compress.importance import collect_stats, compute_scores, select  # noqa: E402
-from serve_pruned.compress.model_io import load_model  # noqa: E402
 from serve_pruned.compress.package import _own_weights, step_targets  # noqa: E402
-from serve_pruned.compress.prune import prune_model  # noqa: E402
-from serve_pruned.compress.shapes import Shape  # noqa: E402
 
 
 def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise():
@@ -40,19 +38,8 @@ def test_step_targets(target, step, expected):
 
 @pytest.fixture()
 def student_teacher(tiny_models, tokenizer_dir, text_files):
-    from transformers import AutoTokenizer
-
-    from serve_pruned.compress.data import calibration_samples, read_sources
-
-    path = tiny_models["llama"]
-    cfg = json.loads((path / "config.json").read_text())
-    teacher = load_model(path, dtype="float32", trust_remote_code=False)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    samples = calibration_samples(tok, read_sources([str(text_files["calib"])]), num_samples=16, seq_len=32, seed=0)
-    before = Shape.from_config(cfg)
-    after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 96)
-    sel = select(compute_scores(collect_stats(teacher, samples), teacher, before, "activation"), before, after)
-    student, _ = prune_model(teacher, cfg, before, after, sel)
+    teacher, student, _sel, samples, _tok = prune_tiny(tiny_models["llama"], tokenizer_dir, text_files["calib"],
+                                                       ffn=96, seq_len=32)
     _own_weights(student, teacher)
     return student, teacher, samples
 

@@ -7,32 +7,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from serve_pruned.compress.importance import collect_stats, compute_scores, select  # noqa: E402
-from serve_pruned.compress.model_io import load_model  # noqa: E402
-from serve_pruned.compress.prune import prune_model  # noqa: E402
+from tiny import prune_tiny  # noqa: E402
+
 from serve_pruned.compress.refit import refit_down_proj  # noqa: E402
-from serve_pruned.compress.shapes import Shape  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_refit_lowers_mlp_error_and_held_out_loss(arch, tiny_models, tokenizer_dir, text_files):
-    import json
-
-    from transformers import AutoTokenizer
-
     from serve_pruned.compress.data import calibration_samples, read_sources
 
-    path = tiny_models[arch]
-    cfg = json.loads((path / "config.json").read_text())
-    model = load_model(path, dtype="float32", trust_remote_code=False)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model, pruned, sel, _, tok = prune_tiny(tiny_models[arch], tokenizer_dir, text_files["calib"], ffn=96)
     samples = calibration_samples(tok, read_sources([str(text_files["calib"])]), num_samples=24, seq_len=64, seed=0)
     held_out = calibration_samples(tok, read_sources([str(text_files["eval"])]), num_samples=8, seq_len=64, seed=1)
-    before = Shape.from_config(cfg)
-    after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 96)
-    scores = compute_scores(collect_stats(model, samples), model, before, "activation")
-    sel = select(scores, before, after)
-    pruned, _ = prune_model(model, cfg, before, after, sel)
     held_before = refit_down_proj(pruned, model, sel.layers, held_out, measure_only=True)["mlp_rel_error_before"]
     weights = pruned.model.layers[0].mlp.down_proj.weight.clone()
     assert pruned.model.layers[0].mlp.down_proj.weight.equal(weights)  # measuring changes nothing
@@ -45,24 +31,13 @@ def test_refit_lowers_mlp_error_and_held_out_loss(arch, tiny_models, tokenizer_d
 
 def test_refit_of_o_proj_after_head_pruning(tiny_models, tokenizer_dir, text_files):
     """Query heads and a KV group pruned: the refit fits each attention's o_proj to the original attention."""
-    import json
-
-    from transformers import AutoTokenizer
-
     from serve_pruned.compress.data import calibration_samples, read_sources
     from serve_pruned.compress.refit import refit
 
-    path = tiny_models["llama"]
-    cfg = json.loads((path / "config.json").read_text())
-    model = load_model(path, dtype="float32", trust_remote_code=False)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    samples = calibration_samples(tok, read_sources([str(text_files["calib"])]), num_samples=16, seq_len=64, seed=0)
+    # 6 -> 4 query heads over the same 2 KV groups, FFN 256 -> 192
+    model, pruned, sel, samples, tok = prune_tiny(tiny_models["llama"], tokenizer_dir, text_files["calib"], heads=4,
+                                                  ffn=192)
     held_out = calibration_samples(tok, read_sources([str(text_files["eval"])]), num_samples=8, seq_len=64, seed=1)
-    before = Shape.from_config(cfg)
-    after = Shape(before.num_layers, 4, 2, before.head_dim, 192)  # 6 -> 4 query heads, FFN 256 -> 192
-    scores = compute_scores(collect_stats(model, samples), model, before, "activation")
-    sel = select(scores, before, after)
-    pruned, _ = prune_model(model, cfg, before, after, sel)
     held_before = refit(pruned, model, sel.layers, held_out, measure_only=True)
     original_o = model.model.layers[0].self_attn.o_proj.weight.clone()
     report = refit(pruned, model, sel.layers, samples)
