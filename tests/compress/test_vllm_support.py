@@ -60,7 +60,8 @@ def test_head_pruning_is_refused_where_vllm_derives_head_dim(tiny_models, tmp_pa
     from serve_pruned.errors import GQAGroupingError
     from serve_pruned.options import PackageOptions
 
-    opts = PackageOptions(model=str(tiny_models["qwen2"]), out=tmp_path / "o", keep_heads=2, keep_kv_heads=1)
+    opts = PackageOptions(model=str(tiny_models["qwen2"]), out=tmp_path / "o", keep_heads=2, keep_kv_heads=1,
+                          recover=False)
     with pytest.raises(GQAGroupingError, match="derives head_dim"):
         package(opts, progress=False)
     assert not (tmp_path / "o").exists()
