@@ -138,10 +138,11 @@ def source_fingerprint(src: ModelSource) -> str:
     return h.hexdigest()
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def _progress(total: int, desc: str, enabled: bool, *, unit: str = "seq") -> Any:
+    """A progress bar on stderr; use it as a context manager so it is closed on failure too."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="seq", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
 
 
 def _stats(model: Any, samples: Any, key: str, *, batch_size: int, progress: bool, log: Log) -> Any:
@@ -153,11 +154,8 @@ def _stats(model: Any, samples: Any, key: str, *, batch_size: int, progress: boo
     if path.is_file():
         log(f"importance statistics: reusing {path}")
         return LayerStats.from_dict(load_file(path))
-    bar = _progress(len(samples), "scoring (calibration pass)", progress)
-    try:
+    with _progress(len(samples), "scoring (calibration pass)", progress) as bar:
         stats = collect_stats(model, samples, batch_size=batch_size, progress=bar)
-    finally:
-        bar.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(stats.to_dict(), str(tmp))
@@ -295,11 +293,8 @@ def _generated(model: Any, tokenizer: Any, count: int, *, fingerprint: str, seq_
     if path.is_file():
         log(f"generated calibration text: reusing {path}")
         return list(json.loads(path.read_text()))
-    bar = _progress(count, f"generating {count} calibration texts with the original model", progress)
-    try:
+    with _progress(count, f"generating {count} calibration texts with the original model", progress) as bar:
         texts = generate_texts(model, tokenizer, count, max_new_tokens=seq_len, seed=seed, progress=bar)
-    finally:
-        bar.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(texts))
     return texts
@@ -346,14 +341,12 @@ class _Quality:
             cached = self.reference_top1.get(key)
             reference = None if is_original or cached is not None else self.reference
             n_win = -(-len(ids) // self.opts.eval_seq_len)
-            bar = _progress(n_win * (2 if reference is not None else 1), f"evaluating {name} ({key})", self.progress)
-            try:
+            passes = n_win * (2 if reference is not None else 1)
+            with _progress(passes, f"evaluating {name} ({key})", self.progress) as bar:
                 keep: list[Any] | None = self.reference_top1.setdefault(key, []) if is_original else None
                 r = evaluate(model, ids, seq_len=self.opts.eval_seq_len, batch_size=self.opts.batch_size,
                              reference=reference, reference_top1=None if is_original else cached,
                              keep_top1=keep, progress=bar).to_dict()
-            finally:
-                bar.close()
             if key == "held_out":
                 entry.update(r)
             else:
@@ -508,11 +501,8 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                     f"{opts.compute_dtype}|v1".encode()).hexdigest()[:32]
                 stats = _stats(model, samples, key, batch_size=opts.batch_size, progress=progress, log=log)
             elif samples is not None:
-                bar = _progress(len(samples), f"step {k + 1}/{n_steps}: scoring", progress)
-                try:
+                with _progress(len(samples), f"step {k + 1}/{n_steps}: scoring", progress) as bar:
                     stats = collect_stats(cur.model, samples, batch_size=opts.batch_size, progress=bar)
-                finally:
-                    bar.close()
             else:  # magnitude scores need no data; block influence is then unused (no layers dropped)
                 n, zeros = before.num_layers, torch.zeros
                 stats = LayerStats(zeros(n, before.size("q")), zeros(n, before.size("q")), zeros(n, before.num_heads),
@@ -550,13 +540,10 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                     from serve_pruned.compress.refit import refit
 
                     which = " + ".join(n for n, on in (("o_proj", attn), ("down_proj", mlp)) if on)
-                    bar = _progress(chosen_step.shape.num_layers, f"step {k + 1}/{n_steps}: refitting {which}",
-                                    progress)
-                    try:
+                    with _progress(chosen_step.shape.num_layers, f"step {k + 1}/{n_steps}: refitting {which}",
+                                    progress) as bar:
                         report["refit"] = refit(new_model, model, kept.layers, samples, attention=attn, mlp=mlp,
                                                 batch_size=opts.batch_size, progress=bar)
-                    finally:
-                        bar.close()
                     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - t
                     log(f"step {k + 1}/{n_steps}: refit {which}: block error " + ", ".join(
                         f"{n} {report['refit'][f'{n}_rel_error_before']:.3f} -> "
@@ -572,14 +559,10 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                     warmup_steps=max(1, min(10, distill_budget[k] // 10)), dtype=opts.distill_dtype, seed=opts.seed)
                 budget = (opts.distill_time_budget_s * distill_budget[k] / opts.distill_steps
                           if opts.distill_time_budget_s else None)
-                bar = _progress(settings.steps, f"step {k + 1}/{n_steps}: distilling", progress)
-                bar.unit = "step"
-                try:
+                with _progress(settings.steps, f"step {k + 1}/{n_steps}: distilling", progress, unit="step") as bar:
                     report["distill"] = distill(new_model, model, dsamples, settings=settings,
                                                 checkpoint_dir=step_dir / "distill", progress=bar,
                                                 time_budget_s=budget)
-                finally:
-                    bar.close()
                 timings["distill_s"] = timings.get("distill_s", 0.0) + time.perf_counter() - t
                 d = report["distill"]
                 log(f"step {k + 1}/{n_steps}: distilled {d['steps']} steps ({d['tokens']:,} tokens, "
