@@ -53,13 +53,14 @@ class PackageOptions(BaseModel):
     schedule: Literal["iterative", "one-shot"] = "iterative"
     prune_step: float = Field(0.125, gt=0.0, le=1.0, description="fraction of the ORIGINAL parameters per step")
     distill_steps: int = Field(64, ge=0, description="optimizer steps in all, spread over the pruning steps")
-    distill_lr: float = Field(1e-4, gt=0.0)
+    distill_lr: float = Field(4e-4, gt=0.0)
     distill_batch_size: int = Field(4, ge=1)
     distill_seq_len: int = Field(256, ge=16)
     distill_samples: int = Field(512, ge=1, description="windows of calibration text the distillation draws from")
     distill_temperature: float = Field(1.0, gt=0.0)
     distill_hidden_weight: float = Field(0.0, ge=0.0)
     distill_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    distill_train_embeddings: bool = False
     distill_time_budget_s: float | None = Field(None, gt=0.0, description="stop distilling after this long")
     checkpoint_dir: Path | None = None
 

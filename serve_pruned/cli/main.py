@@ -171,7 +171,8 @@ def _package_text(m: dict[str, Any]) -> str:
               "reproduces the original block's output (closed form, no gradient steps).")
 @click.option("--distill-steps", type=int, default=64, show_default=True,
               help="Logit-distillation steps in all (spread over the pruning steps); 0 = refit only.")
-@click.option("--distill-lr", type=float, default=1e-4, show_default=True)
+@click.option("--distill-lr", type=float, default=4e-4, show_default=True,
+              help="Peak AdamW learning rate (measured on SmolLM2 at 0.75, 64 steps: 4e-4 beat 1e-4 and 1e-3).")
 @click.option("--distill-batch-size", type=int, default=4, show_default=True)
 @click.option("--distill-seq-len", type=int, default=256, show_default=True)
 @click.option("--distill-samples", type=int, default=512, show_default=True,
@@ -181,6 +182,9 @@ def _package_text(m: dict[str, Any]) -> str:
               help="Weight of a cosine loss on the final hidden states (0 = logits only).")
 @click.option("--distill-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Forward passes under bfloat16 autocast where the hardware computes it natively (auto).")
+@click.option("--distill-train-embeddings/--distill-freeze-embeddings", default=False, show_default=True,
+              help="Train the token embedding / LM head too (frozen by default: same recovery measured, "
+              "18% faster steps, every token's vector kept as the original has it).")
 @click.option("--distill-time-budget-s", type=float, help="Stop distilling after this many seconds in all.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Where recovery checkpoints go (default: the cache); a rerun resumes from them.")

@@ -40,6 +40,8 @@ class DistillSettings:
         warmup_steps: linear warm-up before the cosine decay.
         weight_decay: AdamW weight decay.
         checkpoint_every: steps between checkpoints (0 = only at the end).
+        train_embeddings: whether the (often tied) token embedding / LM head is trained too; frozen, it keeps
+            every token's vector as the original has it and each step skips its weight gradient.
         dtype: compute dtype of the forward passes: bfloat16 autocast, float32, or auto (bfloat16 where the
             hardware computes it natively: a CUDA GPU that supports it, a CPU with AMX or AVX512-BF16;
             measured 1.6x faster per step than float32 on a 2-core AMX Xeon).
@@ -47,13 +49,14 @@ class DistillSettings:
     """
 
     steps: int
-    lr: float = 1e-4
+    lr: float = 4e-4
     batch_size: int = 4
     temperature: float = 1.0
     hidden_weight: float = 0.0
     warmup_steps: int = 10
     weight_decay: float = 0.0
     checkpoint_every: int = 25
+    train_embeddings: bool = True
     dtype: str = "auto"
     seed: int = 0
 
@@ -179,6 +182,10 @@ def distill(
     student.train()
     for p in student.parameters():
         p.requires_grad_(True)
+    if not settings.train_embeddings:
+        for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
     named = _params(student)
     opt = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=(0.9, 0.95),
                             weight_decay=settings.weight_decay)

@@ -556,7 +556,8 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                 settings = DistillSettings(
                     steps=distill_budget[k], lr=opts.distill_lr, batch_size=opts.distill_batch_size,
                     temperature=opts.distill_temperature, hidden_weight=opts.distill_hidden_weight,
-                    warmup_steps=max(1, min(10, distill_budget[k] // 10)), dtype=opts.distill_dtype, seed=opts.seed)
+                    warmup_steps=max(1, min(10, distill_budget[k] // 10)), dtype=opts.distill_dtype, seed=opts.seed,
+                    train_embeddings=opts.distill_train_embeddings)
                 budget = (opts.distill_time_budget_s * distill_budget[k] / opts.distill_steps
                           if opts.distill_time_budget_s else None)
                 with _progress(settings.steps, f"step {k + 1}/{n_steps}: distilling", progress, unit="step") as bar:

@@ -56,6 +56,10 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
          original_block: Any, damp: float, measure_only: bool) -> tuple[float, float]:
     """Refit ``linear`` (the output projection of ``block``) so ``block`` matches ``original_block``.
 
+    Each batch runs the pruned layer only up to ``linear``'s input (the rest is not needed) and the
+    original block on the same input. Per-batch products are float32 (a few thousand tokens each),
+    summed in float64, and the solve is float64.
+
     Returns the relative squared error of the block's output before and after.
     """
     width, out_width = linear.in_features, linear.out_features
@@ -68,22 +72,27 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
 
     def grab_linear(_m: Any, args: tuple) -> None:
         seen["a"] = args[0]
+        raise _Stop
 
     handles = [block.register_forward_pre_hook(grab_block, with_kwargs=True),
                linear.register_forward_pre_hook(grab_linear)]
-    bias = linear.bias.double() if linear.bias is not None else None
+    weight = linear.weight.float()
+    bias = linear.bias.float() if linear.bias is not None else None
     err_num = err_den = 0.0
     try:
         for h, kw in zip(hidden, kwargs, strict=True):
-            layer(h, **kw)
-            a = seen["a"].reshape(-1, width).double()
-            y = _output(original_block(*seen["args"], **seen["kwargs"])).reshape(-1, out_width).double()
+            try:
+                layer(h, **kw)
+            except _Stop:
+                pass
+            a = seen["a"].reshape(-1, width).float()
+            y = _output(original_block(*seen["args"], **seen["kwargs"])).reshape(-1, out_width).float()
             if bias is not None:  # the bias stays; the weight fits what is left
                 y = y - bias
-            gram += a.T @ a
-            cross += a.T @ y
-            err_num += (a @ linear.weight.double().T - y).pow(2).sum().item()
-            err_den += y.pow(2).sum().item()
+            gram += (a.T @ a).double()
+            cross += (a.T @ y).double()
+            err_num += (a @ weight.T - y).double().pow(2).sum().item()
+            err_den += y.double().pow(2).sum().item()
     finally:
         for hd in handles:
             hd.remove()

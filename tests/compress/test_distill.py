@@ -62,6 +62,18 @@ def test_distillation_moves_the_student_toward_the_teacher(student_teacher):
     assert not any(p.requires_grad for p in student.parameters())
 
 
+def test_frozen_embeddings_stay_as_the_original_has_them(student_teacher):
+    student, teacher, samples = student_teacher
+    emb = student.get_input_embeddings().weight.detach().clone()
+    down = student.model.layers[0].mlp.down_proj.weight.detach().clone()
+    before = _kl(student, teacher, samples)
+    distill(student, teacher, samples, settings=DistillSettings(steps=10, lr=1e-3, batch_size=4, warmup_steps=2,
+                                                                 train_embeddings=False))
+    assert torch.equal(student.get_input_embeddings().weight, emb)
+    assert not torch.equal(student.model.layers[0].mlp.down_proj.weight, down)
+    assert _kl(student, teacher, samples) < before
+
+
 def test_interrupted_distillation_resumes_to_the_same_weights(student_teacher, tmp_path):
     import copy
 
