@@ -90,6 +90,7 @@ bench: setup setup-bench
 	$(PY) bench/scorers.py
 	$(PY) bench/serving.py
 	$(PY) bench/refit.py
+	$(PY) bench/distill.py
 	$(PY) bench/exporter_scrape.py
 	$(PY) bench/torch_pruning.py
 

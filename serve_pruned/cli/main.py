@@ -169,7 +169,7 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="Refit each pruned block's output projection (o_proj, down_proj) by least squares so it "
               "reproduces the original block's output (closed form, no gradient steps).")
-@click.option("--distill-steps", type=int, default=64, show_default=True,
+@click.option("--distill-steps", type=int, default=96, show_default=True,
               help="Logit-distillation steps in all (spread over the pruning steps); 0 = refit only.")
 @click.option("--distill-lr", type=float, default=4e-4, show_default=True,
               help="Peak AdamW learning rate (measured on SmolLM2 at 0.75, 64 steps: 4e-4 beat 1e-4 and 1e-3).")
