@@ -57,7 +57,8 @@ def plot(results: dict[tuple[float, str], dict], orig: tuple[float, float]) -> N
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=variant)
         ax.axhline(base, color="grey", lw=0.8)
-        ax.annotate("original", (1.0, base), textcoords="offset points", xytext=(-40, 4), fontsize=8, color="grey")
+        ax.text(0.99, base, f"original {base:.2f}", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                fontsize=8, color="grey")
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("fraction of parameters kept")

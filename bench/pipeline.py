@@ -3,7 +3,7 @@ at --target-params 0.75 with recovery (iterative, refit + logit distillation) an
 of Python's docs and the original model's own generations; wall time, peak RSS, and the quality report
 (held-out Python tutorial, an out-of-domain licence, fact prompts) for every stage.
 
-    .venv/bin/python bench/pipeline.py [--distill-steps 96] [-- extra package flags]
+    .venv/bin/python bench/pipeline.py [--distill-steps 128] [-- extra package flags]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ STAGES = ("original", "pruned", "recovered", "quantized")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="0.75")
-    ap.add_argument("--distill-steps", default="96")
+    ap.add_argument("--distill-steps", default="128")
     ap.add_argument("extra", nargs="*", help="more `serve-pruned package` flags")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,9 +50,9 @@ class PackageOptions(BaseModel):
     # recovery: closed-form refit, then logit distillation from the original, after every pruning step
     refit: bool = True
     recover: bool = True
-    schedule: Literal["iterative", "one-shot"] = "iterative"
+    schedule: Literal["iterative", "one-shot"] = "one-shot"
     prune_step: float = Field(0.125, gt=0.0, le=1.0, description="fraction of the ORIGINAL parameters per step")
-    distill_steps: int = Field(96, ge=0, description="optimizer steps in all, spread over the pruning steps")
+    distill_steps: int = Field(128, ge=0, description="optimizer steps in all, spread over the pruning steps")
     distill_lr: float = Field(4e-4, gt=0.0)
     distill_batch_size: int = Field(4, ge=1)
     distill_seq_len: int = Field(256, ge=16)

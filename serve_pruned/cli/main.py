@@ -160,7 +160,7 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--multiple-of", type=int, default=64, show_default=True,
               help="FFN sizes are multiples of this (keeps W4A16 group sizes dividing).")
 @click.option("--max-candidates", type=int, default=12, show_default=True, help="Shapes tried by the search.")
-@click.option("--schedule", type=click.Choice(["iterative", "one-shot"]), default="iterative", show_default=True,
+@click.option("--schedule", type=click.Choice(["iterative", "one-shot"]), default="one-shot", show_default=True,
               help="Reach --target-params in steps of --prune-step (recovering after each), or in one step.")
 @click.option("--prune-step", type=float, default=0.125, show_default=True,
               help="Largest share of the original parameters removed per step (iterative schedule).")
@@ -169,7 +169,7 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="Refit each pruned block's output projection (o_proj, down_proj) by least squares so it "
               "reproduces the original block's output (closed form, no gradient steps).")
-@click.option("--distill-steps", type=int, default=96, show_default=True,
+@click.option("--distill-steps", type=int, default=128, show_default=True,
               help="Logit-distillation steps in all (spread over the pruning steps); 0 = refit only.")
 @click.option("--distill-lr", type=float, default=4e-4, show_default=True,
               help="Peak AdamW learning rate (measured on SmolLM2 at 0.75, 64 steps: 4e-4 beat 1e-4 and 1e-3).")
