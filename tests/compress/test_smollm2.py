@@ -93,7 +93,8 @@ def smol_w8a8(smollm2, docs_text, tmp_path_factory):
          "--calib", str(docs_text["howto"]), "--calib", str(docs_text["faq"]), "--num-samples", "16",
          "--seq-len", "256", "--eval-text", str(docs_text["tutorial"]), "--eval-max-tokens", "2048",
          # the iterative pipeline (refit + distillation after each pruning step), on a small budget
-         "--schedule", "iterative", "--distill-steps", "16", "--distill-seq-len", "128", "--distill-samples", "64", "--max-candidates", "4",
+         "--schedule", "iterative", "--distill-steps", "16", "--distill-seq-len", "128", "--distill-samples", "64",
+         "--max-candidates", "4",
          "--format", "json", "--no-progress"],
         capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr
