@@ -50,7 +50,7 @@ k8s: setup-package
 	$(SP) deploy kustomize k8s
 
 # The main job end to end on the bundled real model: materialize it, prune it to $(DEMO_TARGET) of its
-# parameters in steps with recovery after each (refit + logit distillation from the original), quantize it
+# parameters with recovery (refit + logit distillation from the original), quantize it
 # to W8A8 (calibrated on Python's HOWTOs and FAQ plus text the original model writes itself), print the
 # quality report of every stage (Python tutorial held out, a licence as out-of-domain text, fact prompts),
 # check its perplexity through stock vLLM, then serve it as two co-located instances sized in bytes and

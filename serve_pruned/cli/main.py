@@ -215,8 +215,9 @@ def package_cmd(model: str | None, recipe: Path | None, fmt: str, no_progress: b
                 push_revision: str | None, push_tag: str | None, token: str | None, **kw: Any) -> None:
     """Prune MODEL (a local folder or Hub id), recover, quantize: a smaller dense model that stock vLLM serves.
 
-    The default pipeline prunes in steps to --target-params, recovering after each (refit, then logit
-    distillation from the original), quantizes when --quant is given, and evaluates every stage.
+    The default pipeline prunes to --target-params (in one step, or in steps with --schedule iterative),
+    recovers (refit, then logit distillation from the original), quantizes when --quant is given, and
+    evaluates every stage.
     """
     from serve_pruned.compress.package import package
     from serve_pruned.options import build_options, load_recipe, package_values

@@ -46,7 +46,8 @@ def packaged(tiny_models, text_files, tmp_path_factory):
     proc = run("package", str(tiny_models["llama"]), "--out", str(out), "--calib", str(text_files["calib"]),
                "--num-samples", "8", "--seq-len", "64", "--target-params", "0.8", "--multiple-of", "32",
                "--eval-text", str(text_files["eval"]), "--eval-max-tokens", "1024", "--format", "json",
-               "--distill-steps", "4", "--distill-samples", "8", "--distill-seq-len", "32", "--no-progress")
+               "--schedule", "iterative", "--distill-steps", "4", "--distill-samples", "8", "--distill-seq-len", "32",
+               "--no-progress")
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)
 

@@ -16,7 +16,8 @@ from serve_pruned.options import PackageOptions  # noqa: E402
 
 def _opts(tiny_models, text_files, out, ckpt):
     return PackageOptions(model=str(tiny_models["llama"]), out=out, calib=(str(text_files["calib"]),),
-                          num_samples=8, seq_len=32, multiple_of=32, target_params=0.75, prune_step=0.125,
+                          num_samples=8, seq_len=32, multiple_of=32, target_params=0.75,
+                          schedule="iterative", prune_step=0.125,
                           distill_steps=4, distill_samples=8, distill_seq_len=32, distill_lr=1e-3,
                           checkpoint_dir=ckpt)
 
