@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,3 +44,14 @@ def write_section(name: str, body: str, command: str) -> None:
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def bench_command() -> str:
+    """How this benchmark was run: the `make bench` line with the script and its arguments."""
+    return f"make bench  # .venv/bin/python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+
+
+def publish(name: str, lines: list[str]) -> None:
+    """Write ``lines`` as section ``name`` of docs/benchmarks.md, with the command that made them, and print them."""
+    write_section(name, "\n".join(lines), bench_command())
+    print("\n".join(lines))

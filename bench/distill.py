@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import DOCS, OOD, write_section  # noqa: E402
+from _report import DOCS, OOD, publish  # noqa: E402
 
 from serve_pruned.compress.data import calibration_samples, eval_tokens, read_sources  # noqa: E402
 from serve_pruned.compress.distill import DistillSettings, distill  # noqa: E402
@@ -76,9 +76,7 @@ def main() -> None:
         lines.append(f"| {lr:g} | {'trained' if train_emb else 'frozen'} | {r['loss_first']:.3f} -> "
                      f"{r['loss_last']:.3f} | {r['seconds']:.0f} | {r['tokens'] / r['seconds']:.0f} | {a:.2f} | "
                      f"{a / orig[0]:.2f} | {b:.2f} | {b / orig[1]:.2f} |")
-    write_section("distill", "\n".join(lines), "make bench  # .venv/bin/python bench/distill.py "
-                  + " ".join(sys.argv[1:]))
-    print("\n".join(lines))
+    publish("distill", lines)
 
 
 if __name__ == "__main__":

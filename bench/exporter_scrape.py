@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 
 from serve_pruned.metrics.exporter import Target  # noqa: E402
 from serve_pruned.metrics.server import start_exporter  # noqa: E402
@@ -76,9 +76,7 @@ def main() -> None:
              f"scraping all instances concurrently ({len(body):,} bytes out).", "",
              "| median | p95 | worst | target |", "|---|---|---|---|",
              f"| {p50:.1f} ms | {p95:.1f} ms | {worst:.1f} ms | < 100 ms |"]
-    write_section("exporter-scrape", "\n".join(lines), "make bench  # .venv/bin/python bench/exporter_scrape.py "
-                  + " ".join(sys.argv[1:]))
-    print("\n".join(lines))
+    publish("exporter-scrape", lines)
 
 
 if __name__ == "__main__":

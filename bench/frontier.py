@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import DOC, DOCS, OOD, write_section  # noqa: E402
+from _report import DOC, DOCS, OOD, publish  # noqa: E402
 
 from serve_pruned.compress.example_model import materialize  # noqa: E402
 from serve_pruned.compress.package import package, step_targets  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> None:
         lines.append(f"| {target} | {r['fraction']:.3f} | {s['num_layers']}/{s['num_heads']}/{s['num_kv_heads']}/"
                      f"{s['intermediate_size']} | {variant} | {r['steps']} | {r['ppl']:.2f} | {r['ppl'] / orig[0]:.2f} "
                      f"| {r['ood']:.2f} | {r['ood'] / orig[1]:.2f} | {r['facts']:.2f} | {r['seconds']:.0f} s |")
-    write_section("frontier", "\n".join(lines), "make bench  # .venv/bin/python bench/frontier.py "
-                  + " ".join(sys.argv[1:]))
-    print("\n".join(lines))
+    publish("frontier", lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import DOCS, OOD, write_section  # noqa: E402
+from _report import DOCS, OOD, publish  # noqa: E402
 
 EXE = str(Path(sys.executable).parent / "serve-pruned")
 STAGES = ("original", "pruned", "recovered", "quantized")
@@ -72,9 +72,7 @@ def main() -> None:
     lines += ["", f"Stage timings (s): {timings}",
               "", "Greedy completions of the final model: " + "; ".join(
                   f"{p!r} -> {c!r}" for p, c in list(q["quantized"]["prompts"]["completions"].items())[:4])]
-    write_section("pipeline", "\n".join(lines),
-                  "make bench  # .venv/bin/python bench/pipeline.py " + " ".join(sys.argv[1:]))
-    print("\n".join(lines))
+    publish("pipeline", lines)
 
 
 if __name__ == "__main__":

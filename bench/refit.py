@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import DOCS, OOD, write_section  # noqa: E402
+from _report import DOCS, OOD, publish  # noqa: E402
 
 from serve_pruned.compress.data import calibration_samples, eval_tokens, read_sources  # noqa: E402
 from serve_pruned.compress.evaluate import evaluate  # noqa: E402
@@ -60,8 +60,7 @@ def main() -> None:
              "| model | " + " | ".join(f"ppl {n}" for n in names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {m} | " + " | ".join(f"{r[n]:.2f} ({r[n] / rows['original'][n]:.2f}x)" for n in names) + " |"
               for m, r in rows.items()]
-    write_section("refit", "\n".join(lines), "make bench  # .venv/bin/python bench/refit.py " + " ".join(sys.argv[1:]))
-    print("\n".join(lines))
+    publish("refit", lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import DOCS, OOD, write_section  # noqa: E402
+from _report import DOCS, OOD, publish  # noqa: E402
 
 from serve_pruned.compress.evaluate import evaluate_folder  # noqa: E402
 from serve_pruned.compress.example_model import materialize  # noqa: E402
@@ -33,7 +33,6 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--scorers", default="activation,fluctuation,magnitude")
     args = ap.parse_args()
-    command = "make bench  # .venv/bin/python bench/scorers.py " + " ".join(sys.argv[1:])
 
     with tempfile.TemporaryDirectory(prefix="bench-scorers-") as tmp:
         base = materialize(Path(tmp) / "SmolLM2-135M-Instruct")
@@ -76,8 +75,7 @@ def main() -> None:
                      + f" | {ratios} | {elapsed:.0f} s |")
     lines += ["", "Wall time is the whole `package` run (the first scorer also pays for the shared calibration "
               "pass; later ones reuse the cached statistics)."]
-    write_section("scorers", "\n".join(lines), command)
-    print("\n".join(lines))
+    publish("scorers", lines)
 
 
 if __name__ == "__main__":

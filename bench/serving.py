@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import DOCS, write_section  # noqa: E402
+from _report import DOCS, publish  # noqa: E402
 
 from serve_pruned.compress.data import eval_tokens, read_sources  # noqa: E402
 from serve_pruned.compress.evaluate import windows  # noqa: E402
@@ -77,7 +77,6 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests at concurrency 16 (a quarter at 1)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     args = ap.parse_args()
-    command = "make bench  # .venv/bin/python bench/serving.py " + " ".join(sys.argv[1:])
     calib = (str(DOCS / "howto"), str(DOCS / "faq"))
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
@@ -118,8 +117,7 @@ def main() -> None:
               f"(measured {q['weight_bytes'] / orig['weight_bytes']:.2f}x). No recovery: perplexity is that of "
               "the pruned model before distillation. `RSS - weights - KV` is the CPU backend's runtime overhead "
               "that `serve_pruned/serving/memory.py` plans with."]
-    write_section("serving", "\n".join(lines), command)
-    print("\n".join(lines))
+    publish("serving", lines)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from _report import DOCS, OOD, write_section  # noqa: E402
+from _report import DOCS, OOD, bench_command, write_section  # noqa: E402
 
 # This script has the name of the package it benchmarks: take bench/ off the path again (Python put it first
 # too), or `import torch_pruning` would import this file instead of Torch-Pruning.
@@ -390,8 +390,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.smoke:
-        write_section("torch-pruning", text, "make bench  # .venv/bin/python bench/torch_pruning.py "
-                      + " ".join(sys.argv[1:]))
+        write_section("torch-pruning", text, bench_command())
 
 
 if __name__ == "__main__":
