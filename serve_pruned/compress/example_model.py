@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serve_pruned.atomic import atomic_dir
+from serve_pruned.atomic import atomic_dir, atomic_write_text
 from serve_pruned.cache import cache_root
 from serve_pruned.errors import MissingExtraError
 
@@ -76,4 +76,4 @@ def _name_hub_id(config: Path) -> None:
     cfg = json.loads(config.read_text())
     if cfg.get("_name_or_path") != HUB_ID:
         cfg["_name_or_path"] = HUB_ID
-        config.write_text(json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(config, json.dumps(cfg, indent=2) + "\n")
