@@ -49,6 +49,7 @@ class PackageOptions(BaseModel):
 
     # recovery: closed-form refit, then logit distillation from the original, after every pruning step
     refit: bool = True
+    refit_target: Literal["block", "stream"] = "block"
     recover: bool = True
     schedule: Literal["iterative", "one-shot"] = "one-shot"
     prune_step: float = Field(0.125, gt=0.0, le=1.0, description="fraction of the ORIGINAL parameters per step")

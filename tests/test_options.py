@@ -39,6 +39,8 @@ BAD = {
                              "r.yaml: group_size: only applies to quant w4a16"),
     "target already met": ("target_params: 1.0\n", "r.yaml: target_params: 1.0 is already met"),
     "recovery without text": ("target_params: 0.75\ncalib: []\n", "calib: recovery distills on calibration text"),
+    "unknown refit target": ("target_params: 0.75\nrefit_target: logits\n",
+                             "r.yaml: refit_target: Input should be 'block' or 'stream'"),
     "negative lr": ("target_params: 0.75\ndistill_lr: -1\n", "r.yaml: distill_lr: Input should be greater than 0"),
     "not a mapping": ("- target_params\n", "r.yaml: recipe: must be a mapping"),
     "bad yaml": ("target_params: [0.75\n", "recipe: not valid YAML"),

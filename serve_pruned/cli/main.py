@@ -169,6 +169,11 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="Refit each pruned block's output projection (o_proj, down_proj) by least squares so it "
               "reproduces the original block's output (closed form, no gradient steps).")
+@click.option("--refit-target", type=click.Choice(["block", "stream"]), default="block", show_default=True,
+              help="block: each pruned block reproduces the original block on the same input. stream: every "
+              "o_proj and down_proj is refit to bring the residual stream back onto the original model's, "
+              "correcting earlier layers' drift too; better with --distill-steps 0, worse before distillation "
+              "(SmolLM2 at 0.75, docs/benchmarks.md).")
 @click.option("--distill-steps", type=int, default=128, show_default=True,
               help="Logit-distillation steps in all (spread over the pruning steps); 0 = refit only.")
 @click.option("--distill-lr", type=float, default=4e-4, show_default=True,

@@ -534,8 +534,10 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
             if opts.recover and opts.refit and samples is not None:
                 t = time.perf_counter()
                 dropped = sel.layers != list(range(cur.shape.num_layers))
-                attn = chosen_step.shape.num_heads < cur.shape.num_heads or dropped
-                mlp = chosen_step.shape.intermediate_size < cur.shape.intermediate_size or dropped
+                # the stream target corrects drift wherever it is, so every layer's o_proj and down_proj is refit
+                stream = opts.refit_target == "stream"
+                attn = chosen_step.shape.num_heads < cur.shape.num_heads or dropped or stream
+                mlp = chosen_step.shape.intermediate_size < cur.shape.intermediate_size or dropped or stream
                 if attn or mlp:
                     from serve_pruned.compress.refit import refit
 
@@ -543,7 +545,8 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                     with _progress(chosen_step.shape.num_layers, f"step {k + 1}/{n_steps}: refitting {which}",
                                     progress) as bar:
                         report["refit"] = refit(new_model, model, kept.layers, samples, attention=attn, mlp=mlp,
-                                                batch_size=opts.batch_size, progress=bar)
+                                                batch_size=opts.batch_size, target=opts.refit_target,
+                                                progress=bar)
                     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - t
                     log(f"step {k + 1}/{n_steps}: refit {which}: block error " + ", ".join(
                         f"{n} {report['refit'][f'{n}_rel_error_before']:.3f} -> "

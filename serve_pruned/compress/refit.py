@@ -53,8 +53,13 @@ def _layer_inputs(model: Any, batches: list[torch.Tensor]) -> tuple[list[torch.T
 
 @torch.no_grad()
 def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *, block: Any, linear: Any,
-         original_block: Any, damp: float, measure_only: bool) -> tuple[float, float]:
+         original_block: Any, damp: float, measure_only: bool, stream: list[torch.Tensor] | None = None,
+         residual_at: Any = None) -> tuple[float, float]:
     """Refit ``linear`` (the output projection of ``block``) so ``block`` matches ``original_block``.
+
+    With ``stream`` (per batch, the original model's residual stream right after this block) the target is
+    instead what brings the pruned model's residual stream onto the original's: ``stream - residual``, where
+    ``residual`` is the pruned stream entering the block (``hidden``, or the input of ``residual_at``).
 
     Each batch runs the pruned layer only up to ``linear``'s input (the rest is not needed) and the
     original block on the same input. Per-batch products are float32 (a few thousand tokens each),
@@ -74,19 +79,28 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
         seen["a"] = args[0]
         raise _Stop
 
+    def grab_residual(_m: Any, args: tuple) -> None:
+        seen["residual"] = args[0]
+
     handles = [block.register_forward_pre_hook(grab_block, with_kwargs=True),
                linear.register_forward_pre_hook(grab_linear)]
+    if residual_at is not None:
+        handles.append(residual_at.register_forward_pre_hook(grab_residual))
     weight = linear.weight.float()
     bias = linear.bias.float() if linear.bias is not None else None
     err_num = err_den = 0.0
     try:
-        for h, kw in zip(hidden, kwargs, strict=True):
+        for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
             try:
                 layer(h, **kw)
             except _Stop:
                 pass
             a = seen["a"].reshape(-1, width).float()
-            y = _output(original_block(*seen["args"], **seen["kwargs"])).reshape(-1, out_width).float()
+            if stream is None:
+                y = _output(original_block(*seen["args"], **seen["kwargs"])).reshape(-1, out_width).float()
+            else:
+                residual = seen["residual"] if residual_at is not None else h
+                y = (stream[b].float() - residual.float()).reshape(-1, out_width)
             if bias is not None:  # the bias stays; the weight fits what is left
                 y = y - bias
             gram += (a.T @ a).double()
@@ -110,7 +124,7 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
 @torch.no_grad()
 def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Tensor, *,
           attention: bool = True, mlp: bool = True, batch_size: int = 4, damp: float = 0.01,
-          progress: Any = None, measure_only: bool = False) -> dict[str, float]:
+          target: str = "block", progress: Any = None, measure_only: bool = False) -> dict[str, float]:
     """Refit every pruned layer's ``o_proj`` (when ``attention``) and ``down_proj`` (when ``mlp``) in place.
 
     With ``measure_only`` nothing changes: the result is the reconstruction error of the current
@@ -121,31 +135,60 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
         original: the unpruned model.
         kept_layers: for each pruned layer, the index of the original layer it came from.
         samples: calibration token ids (n, seq_len).
+        target: ``"block"`` fits each block to the original block on the same input; ``"stream"`` fits it to
+            bring the pruned model's residual stream after the block onto the original model's (run on its own
+            stream), so each refit also corrects the drift that earlier pruned layers left.
 
     Returns:
         Mean relative squared error of the refit blocks' outputs, before and after
         (``attn_rel_error_*`` and/or ``mlp_rel_error_*``).
     """
+    if target not in ("block", "stream"):
+        raise ValueError(f"refit target must be 'block' or 'stream', not {target!r}")
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     hidden, kwargs = _layer_inputs(pruned, batches)
     p_layers, o_layers = decoder_layers(pruned), decoder_layers(original)
+    t_hidden = t_kwargs = None
+    if target == "stream":
+        t_hidden, t_kwargs = _layer_inputs(original, batches)
+    next_original = 0
     errors: dict[str, list[float]] = {}
     for li, layer in enumerate(p_layers):
         orig = o_layers[kept_layers[li]]
+        streams: dict[str, list[torch.Tensor] | None] = {"attn": None, "mlp": None}
+        if t_hidden is not None and t_kwargs is not None:
+            for oi in range(next_original, kept_layers[li]):  # layers dropped before this one
+                t_hidden = [_output(o_layers[oi](t, **kw)) for t, kw in zip(t_hidden, t_kwargs, strict=True)]
+            streams["attn"], t_hidden = _original_streams(orig, t_hidden, t_kwargs)
+            streams["mlp"] = t_hidden
+            next_original = kept_layers[li] + 1
         jobs = []
         if attention:
-            jobs.append(("attn", layer.self_attn, layer.self_attn.o_proj, orig.self_attn))
+            jobs.append(("attn", layer.self_attn, layer.self_attn.o_proj, orig.self_attn, None))
         if mlp:
-            jobs.append(("mlp", layer.mlp, layer.mlp.down_proj, orig.mlp))
-        for name, block, linear, original_block in jobs:
+            jobs.append(("mlp", layer.mlp, layer.mlp.down_proj, orig.mlp, layer.post_attention_layernorm))
+        for name, block, linear, original_block, residual_at in jobs:
             b, a = _fit(layer, hidden, kwargs, block=block, linear=linear, original_block=original_block,
-                        damp=damp, measure_only=measure_only)
+                        damp=damp, measure_only=measure_only, stream=streams[name], residual_at=residual_at)
             errors.setdefault(f"{name}_rel_error_before", []).append(b)
             errors.setdefault(f"{name}_rel_error_after", []).append(a)
         hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
         if progress is not None:
             progress.update(1)
     return {k: sum(v) / len(v) for k, v in errors.items()}
+
+
+@torch.no_grad()
+def _original_streams(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The original ``layer``'s residual stream after its attention and after its MLP, per batch."""
+    mid: list[torch.Tensor] = []
+    handle = layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: mid.append(args[0]))
+    try:
+        out = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+    finally:
+        handle.remove()
+    return mid, out
 
 
 def refit_down_proj(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Tensor, *,
