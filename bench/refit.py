@@ -1,5 +1,7 @@
 """What the closed-form refit buys: SmolLM2-135M-Instruct pruned to its 0.75 shape (FFN 832), perplexity
-before and after refitting every down_proj by least squares, in and out of the calibration domain.
+before and after the least-squares refit, in and out of the calibration domain, with the two targets side by
+side: "block" (every down_proj reproduces the original MLP on the same input) and "stream" (every o_proj and
+down_proj brings the residual stream back onto the original model's, correcting earlier layers' drift too).
 
     .venv/bin/python bench/refit.py [--num-samples 64] [--eval-tokens 8192]
 """
@@ -7,6 +9,7 @@ before and after refitting every down_proj by least squares, in and out of the c
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -23,7 +26,7 @@ from serve_pruned.compress.example_model import materialize  # noqa: E402
 from serve_pruned.compress.importance import collect_stats, compute_scores, select  # noqa: E402
 from serve_pruned.compress.model_io import load_model, load_tokenizer  # noqa: E402
 from serve_pruned.compress.prune import prune_model  # noqa: E402
-from serve_pruned.compress.refit import refit_down_proj  # noqa: E402
+from serve_pruned.compress.refit import refit, refit_down_proj  # noqa: E402
 from serve_pruned.compress.shapes import Shape  # noqa: E402
 
 
@@ -47,16 +50,23 @@ def main() -> None:
     pruned, _ = prune_model(model, cfg, before, after, sel)
     rows = {"original": {k: evaluate(model, v).perplexity for k, v in texts.items()},
             "pruned (activation scores)": {k: evaluate(pruned, v).perplexity for k, v in texts.items()}}
+    stream = copy.deepcopy(pruned)
     t = time.perf_counter()
     report = refit_down_proj(pruned, model, sel.layers, samples)
     seconds = time.perf_counter() - t
-    rows["pruned + refit"] = {k: evaluate(pruned, v).perplexity for k, v in texts.items()}
+    rows["pruned + refit, block target (down_proj)"] = {k: evaluate(pruned, v).perplexity for k, v in texts.items()}
+    t = time.perf_counter()
+    refit(stream, model, sel.layers, samples, target="stream")
+    stream_seconds = time.perf_counter() - t
+    rows["pruned + refit, stream target (o_proj + down_proj)"] = {
+        k: evaluate(stream, v).perplexity for k, v in texts.items()}
     names = list(texts)
-    lines = ["## Closed-form refit of down_proj: SmolLM2-135M-Instruct at its 0.75 shape (FFN 1536 -> 832)", "",
+    lines = ["## Closed-form refit: SmolLM2-135M-Instruct at its 0.75 shape (FFN 1536 -> 832)", "",
              f"Calibration: Python HOWTOs + FAQ, {args.num_samples} x 512 tokens; perplexity on the first "
-             f"{args.eval_tokens} tokens of each text, float32. Refit: {seconds:.0f} s on this machine; mean "
+             f"{args.eval_tokens} tokens of each text, float32. Block refit: {seconds:.0f} s on this machine, mean "
              f"relative MLP reconstruction error {report['mlp_rel_error_before']:.3f} -> "
-             f"{report['mlp_rel_error_after']:.3f} on the calibration tokens.", "",
+             f"{report['mlp_rel_error_after']:.3f} on the calibration tokens; stream refit: {stream_seconds:.0f} s.",
+             "",
              "| model | " + " | ".join(f"ppl {n}" for n in names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {m} | " + " | ".join(f"{r[n]:.2f} ({r[n] / rows['original'][n]:.2f}x)" for n in names) + " |"
               for m, r in rows.items()]
