@@ -66,7 +66,10 @@ def main() -> None:
         rows.append((lr, train_emb, r, ppl(student)))
         print(lr, train_emb, r["seconds"], rows[-1][3], file=sys.stderr)
     tokens = args.steps * 4 * 256
-    lines = ["## Distillation settings: learning rate, embedding trained or frozen", "",
+    title = "## Distillation settings: learning rate, embedding trained or frozen"
+    if args.refit_target != "block":
+        title += f" (from a {args.refit_target}-target refit)"
+    lines = [title, "",
              f"SmolLM2-135M-Instruct pruned one-shot to its 0.75 shape and refit (calibration Python HOWTOs + FAQ + "
              f"32 generated texts; refit target {args.refit_target}), then {args.steps} distillation steps "
              f"({tokens:,} tokens, the same batches) from "
