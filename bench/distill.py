@@ -26,7 +26,9 @@ from serve_pruned.compress.model_io import load_model, load_tokenizer, resolve_m
 from serve_pruned.compress.package import _generated, package, source_fingerprint  # noqa: E402
 from serve_pruned.options import PackageOptions  # noqa: E402
 
-# (peak lr, train the embedding)
+# (peak lr, train the embedding); DEFAULT is what `serve-pruned package` uses
+DEFAULT = (PackageOptions.model_fields["distill_lr"].default,
+           PackageOptions.model_fields["distill_train_embeddings"].default)
 SETTINGS = [(1e-4, True), (4e-4, True), (4e-4, False), (1e-3, False)]
 
 
@@ -35,7 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--refit-target", choices=("block", "stream"), default="block", help="how the start is refit")
-    ap.add_argument("--default-only", action="store_true", help="only the package default (lr 4e-4, frozen)")
+    ap.add_argument("--default-only", action="store_true", help="only the package default setting")
     args = ap.parse_args()
     calib = (str(DOCS / "howto"), str(DOCS / "faq"), "generated:32")
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +60,7 @@ def main() -> None:
 
     orig, refit = ppl(teacher), ppl(student0)
     rows = []
-    for lr, train_emb in [(4e-4, False)] if args.default_only else SETTINGS:
+    for lr, train_emb in [DEFAULT] if args.default_only else SETTINGS:
         student = copy.deepcopy(student0)
         r = distill(student, teacher, dsamples, settings=DistillSettings(
             steps=args.steps, lr=lr, batch_size=4, warmup_steps=max(1, min(10, args.steps // 10)),

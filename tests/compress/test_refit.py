@@ -49,7 +49,6 @@ def test_refit_of_o_proj_after_head_pruning(tiny_models, tokenizer_dir, text_fil
     assert model.model.layers[0].self_attn.o_proj.weight.equal(original_o)  # the original is never touched
 
 
-
 def _final_hidden_error(pruned, model, ids) -> float:
     with torch.no_grad():
         a = pruned(input_ids=ids, output_hidden_states=True).hidden_states[-1]
@@ -94,7 +93,6 @@ def test_package_refits_with_the_chosen_target(target, tiny_models, text_files, 
     assert m["options"]["refit_target"] == target
     assert refit_report["mlp_rel_error_after"] < refit_report["mlp_rel_error_before"]
     assert ("attn_rel_error_after" in refit_report) == (target == "stream")
-
 
 
 def test_stream_refit_runs_the_original_layers_that_were_dropped(tiny_models, tokenizer_dir, text_files, tmp_path):
