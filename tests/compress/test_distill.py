@@ -21,6 +21,31 @@ def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise():
     assert kd_loss(a, a + torch.randn(2, 5, 11), 2.0).item() > 0
 
 
+def _kd_reference(student_logits, teacher_logits, t):
+    s = torch.log_softmax(student_logits.float() / t, dim=-1)
+    p = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+    return (p.exp() * (p - s)).sum(-1).mean() * t * t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_value_and_gradient_match_the_plain_formula(dtype, temperature):
+    """The fused loss computes its gradient in blocks of rows; 3 x 7 tokens in blocks of 4 rows (4 x 11 logits)
+    leave a ragged last block."""
+    torch.manual_seed(0)
+    s = (3 * torch.randn(3, 7, 11)).to(dtype)
+    t = (3 * torch.randn(3, 7, 11)).to(dtype)
+    s_fused, s_ref = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    fused = kd_loss(s_fused, t, temperature, block_elements=44)
+    ref = _kd_reference(s_ref, t, temperature)
+    (2.5 * fused).backward()
+    (2.5 * ref).backward()
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert s_fused.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(s_fused.grad.float(), s_ref.grad.float(), atol=tol, rtol=1e-2)
+
+
 def test_batches_are_a_function_of_the_step():
     seen = [batch_indices(10, step=s, batch_size=4, seed=3) for s in range(5)]
     assert seen == [batch_indices(10, step=s, batch_size=4, seed=3) for s in range(5)]
