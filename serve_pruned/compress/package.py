@@ -399,7 +399,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     hidden = int(src.config["hidden_size"])
     total = count_params(src.shapes(), before)
     prune = opts.prunes
-    plan_kw: dict[str, Any] = dict(multiple_of=opts.multiple_of, prune_heads=support.prune_heads,
+    plan_kw: dict[str, Any] = dict(multiple_of=opts.ffn_multiple, prune_heads=support.prune_heads,
                                    heads_divide=hidden if support.heads_divide_hidden else None)
     if prune:
         candidates = plan_shapes(
