@@ -54,11 +54,11 @@ class PackageOptions(BaseModel):
     recover: bool = True
     schedule: Literal["iterative", "one-shot"] = "one-shot"
     prune_step: float = Field(0.125, gt=0.0, le=1.0, description="fraction of the ORIGINAL parameters per step")
-    distill_steps: int = Field(192, ge=0, description="optimizer steps in all, spread over the pruning steps")
+    distill_steps: int = Field(160, ge=0, description="optimizer steps in all, spread over the pruning steps")
     distill_lr: float = Field(4e-4, gt=0.0)
     distill_batch_size: int = Field(4, ge=1)
     distill_seq_len: int = Field(256, ge=16)
-    distill_samples: int = Field(768, ge=1, description="windows of calibration text the distillation draws from")
+    distill_samples: int = Field(640, ge=1, description="windows of calibration text the distillation draws from")
     distill_temperature: float = Field(1.0, gt=0.0)
     distill_hidden_weight: float = Field(0.0, ge=0.0)
     distill_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -175,13 +175,13 @@ def _package_text(m: dict[str, Any]) -> str:
               "o_proj and down_proj is refit to bring the residual stream back onto the original model's, "
               "correcting earlier layers' drift too; on SmolLM2 at 0.75 closer in domain, further out of domain, "
               "and a worse start for distillation (docs/benchmarks.md).")
-@click.option("--distill-steps", type=int, default=192, show_default=True,
+@click.option("--distill-steps", type=int, default=160, show_default=True,
               help="Logit-distillation steps in all (spread over the pruning steps); 0 = refit only.")
 @click.option("--distill-lr", type=float, default=4e-4, show_default=True,
               help="Peak AdamW learning rate (measured on SmolLM2 at 0.75, 64 steps: 4e-4 beat 1e-4 and 1e-3).")
 @click.option("--distill-batch-size", type=int, default=4, show_default=True)
 @click.option("--distill-seq-len", type=int, default=256, show_default=True)
-@click.option("--distill-samples", type=int, default=768, show_default=True,
+@click.option("--distill-samples", type=int, default=640, show_default=True,
               help="Windows of calibration text the distillation draws batches from.")
 @click.option("--distill-temperature", type=float, default=1.0, show_default=True)
 @click.option("--distill-hidden-weight", type=float, default=0.0, show_default=True,
