@@ -1,5 +1,5 @@
 """Where a distillation step's time goes, and what the fused KL loss saves: SmolLM2-135M-Instruct as the
-teacher, a student of its 0.75 shape (FFN 1536 -> 832), one AdamW step on 4 x 256 tokens, the way
+teacher, a student of its 0.75 shape at --multiple-of 64 (FFN 1536 -> 832), one AdamW step on 4 x 256 tokens, the way
 `serve-pruned package` trains (bfloat16 autocast where native, frozen embedding).
 
 Variants run round-robin in one process (these machines are noisy): the plain KL formula left to autograd,
@@ -93,7 +93,8 @@ def main() -> None:
     base = statistics.median(t["step"] for t in times[variants[0]])
     parts = ["teacher", "student", "loss+backward", "optimizer"]
     lines = ["## Distillation step: where the time goes, plain vs fused KL loss, SDPA vs eager attention", "",
-             f"SmolLM2-135M-Instruct teacher, student of its 0.75 shape (FFN {args.ffn}), one AdamW step on "
+             f"SmolLM2-135M-Instruct teacher, student with FFN {args.ffn} (832: its 0.75 shape at --multiple-of 64), "
+             "one AdamW step on "
              f"{x.shape[0]} x {x.shape[1]} tokens, bfloat16 autocast {'on' if autocast else 'off'}, frozen "
              f"embedding; median of {args.rounds} rounds, variants interleaved round by round. 'loss+backward' "
              "is the KL loss and the whole backward pass (the fused loss computes its gradient in the forward).",

@@ -1,7 +1,8 @@
-"""What the closed-form refit buys: SmolLM2-135M-Instruct pruned to its 0.75 shape (FFN 832), perplexity
-before and after the least-squares refit, in and out of the calibration domain, with the two targets side by
-side: "block" (every down_proj reproduces the original MLP on the same input) and "stream" (every o_proj and
-down_proj brings the residual stream back onto the original model's, correcting earlier layers' drift too).
+"""What the closed-form refit buys: SmolLM2-135M-Instruct pruned to its 0.75 shape at --multiple-of 64
+(FFN 832), perplexity before and after the least-squares refit, in and out of the calibration domain, with
+the two targets side by side: "block" (every down_proj reproduces the original MLP on the same input) and
+"stream" (every o_proj and down_proj brings the residual stream back onto the original model's, correcting
+earlier layers' drift too).
 
     .venv/bin/python bench/refit.py [--num-samples 64] [--eval-tokens 8192]
 """
@@ -61,7 +62,7 @@ def main() -> None:
     rows["pruned + refit, stream target (o_proj + down_proj)"] = {
         k: evaluate(stream, v).perplexity for k, v in texts.items()}
     names = list(texts)
-    lines = ["## Closed-form refit: SmolLM2-135M-Instruct at its 0.75 shape (FFN 1536 -> 832)", "",
+    lines = ["## Closed-form refit: SmolLM2-135M-Instruct at its 0.75 shape, --multiple-of 64 (FFN 1536 -> 832)", "",
              f"Calibration: Python HOWTOs + FAQ, {args.num_samples} x 512 tokens; perplexity on the first "
              f"{args.eval_tokens} tokens of each text, float32. Block refit: {seconds:.0f} s on this machine, mean "
              f"relative MLP reconstruction error {report['mlp_rel_error_before']:.3f} -> "
