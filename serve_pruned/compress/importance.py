@@ -19,6 +19,14 @@ norm of its weight column; a head sums its channels.
 
 ``magnitude`` (baseline): the L2 norm of the weights the structure owns.
 
+``obs`` (structured Optimal Brain Surgeon, as in SlimGPT): FFN channels ranked by the order in which a
+greedy elimination removes them. With ``H = A^T A`` the Gram matrix of ``down_proj``'s inputs, each round
+drops the channels whose removal costs least once the remaining channels are refit by least squares,
+``||W_down[:, j]||^2 / [H^-1]_jj``, and updates the remaining weights and ``H^-1`` for that refit. Unlike the
+scores above it sees that two channels can carry the same signal, and it ranks for exactly the least-squares
+refit that recovery applies next. Needs the Gram matrices (``layers x F^2`` float32 while scoring), so it is
+collected only when asked for (``collect_stats(..., ffn_order=True)``). Heads score as ``activation``.
+
 Layers are always scored by block influence, ``1 - cos(h_in, h_out)`` (ShortGPT).
 """
 
@@ -31,13 +39,7 @@ import torch
 
 from serve_pruned.compress.shapes import Shape
 
-SCORERS = ("activation", "fluctuation", "magnitude")
-STATS_VERSION = "1"
-
-
-
-
-
+SCORERS = ("activation", "fluctuation", "magnitude", "obs")
 
 @dataclass
 class LayerStats:
@@ -50,13 +52,53 @@ class LayerStats:
     ffn_sumsq: torch.Tensor  # [L, F]
     cos_sum: torch.Tensor  # [L]
     tokens: torch.Tensor  # [1]
+    ffn_order: torch.Tensor | None = None  # [L, F] greedy OBS elimination rank (higher = removed later)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in self.__dict__.items()}
+        return {k: v.contiguous() for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> LayerStats:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@torch.no_grad()
+def obs_order(gram: torch.Tensor, weight: torch.Tensor, *, chunk: int = 16, damp: float = 0.01) -> torch.Tensor:
+    """Greedy structured-OBS elimination of a linear layer's input channels.
+
+    Args:
+        gram: ``A^T A`` of the layer's inputs over calibration tokens, [F, F].
+        weight: the layer's weight, [out, F].
+        chunk: channels dropped per round (each round's removal and refit is exact for the whole chunk; costs
+            are recomputed between rounds).
+        damp: ridge, as a fraction of the mean diagonal of ``gram`` (as the refit uses).
+
+    Returns:
+        [F] float64: channel ``j``'s position in the elimination (0 = dropped first), so higher = keep.
+    """
+    f = gram.shape[0]
+    h = gram.double()
+    h = h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(f, dtype=torch.float64)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    w = weight.double().clone()
+    alive = torch.arange(f)
+    rank = torch.empty(f, dtype=torch.float64)
+    done = 0
+    while alive.numel():
+        cost = w.pow(2).sum(0) / hinv.diagonal()
+        k = min(chunk, alive.numel())
+        drop = torch.topk(cost, k, largest=False, sorted=True).indices
+        rank[alive[drop]] = torch.arange(done, done + k, dtype=torch.float64)
+        done += k
+        keep = torch.ones(alive.numel(), dtype=torch.bool)
+        keep[drop] = False
+        # remove the chunk Q and refit the rest: W_K -= W_Q (H^-1_QQ)^-1 H^-1_QK, same downdate for H^-1
+        q_inv = torch.linalg.inv(hinv[drop][:, drop])
+        across = q_inv @ hinv[drop][:, keep]  # [k, |K|]
+        w = w[:, keep] - w[:, drop] @ across
+        hinv = hinv[keep][:, keep] - hinv[keep][:, drop] @ across
+        alive = alive[keep]
+    return rank
 
 
 def decoder_layers(model: Any) -> Any:
@@ -64,8 +106,17 @@ def decoder_layers(model: Any) -> Any:
 
 
 @torch.no_grad()
-def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, progress: Any = None) -> LayerStats:
-    """Run ``samples`` through ``model`` once, with hooks that accumulate :class:`LayerStats`."""
+def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, progress: Any = None,
+                  ffn_order: bool = False) -> LayerStats:
+    """Run ``samples`` through ``model`` once, layer by layer, with hooks that accumulate :class:`LayerStats`.
+
+    The hidden states of every sample are carried from one decoder layer to the next (as the refit does), so
+    per-layer work is done and freed before the next layer runs. With ``ffn_order`` a layer's ``down_proj``
+    input Gram matrix (F x F float32, one at a time) is accumulated too and its FFN channels ranked by
+    :func:`obs_order` (``stats.ffn_order``; the ``obs`` scorer). ``progress`` advances once per layer.
+    """
+    from serve_pruned.compress.refit import _layer_inputs, _output
+
     layers = decoder_layers(model)
     n_layers = len(layers)
     attn0, mlp0 = layers[0].self_attn, layers[0].mlp
@@ -81,22 +132,18 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
         ffn_sum=torch.zeros(n_layers, ffn, dtype=f64),
         ffn_sumsq=torch.zeros(n_layers, ffn, dtype=f64),
         cos_sum=torch.zeros(n_layers, dtype=f64),
-        tokens=torch.zeros(1, dtype=f64),
+        tokens=torch.full((1,), float(samples.numel()), dtype=f64),
+        ffn_order=torch.zeros(n_layers, ffn, dtype=f64) if ffn_order else None,
     )
-    grams = []
-    for layer in layers:
-        w = layer.self_attn.o_proj.weight.float().view(-1, n_heads, head_dim)  # [hidden, H, hd]
-        grams.append(torch.einsum("ehd,ehf->hdf", w, w))  # per-head W_h^T W_h
+    gram: list[torch.Tensor] = []  # the current layer's down_proj input Gram matrix (obs only)
 
-    handles = []
-
-    def o_hook(i: int):
+    def o_hook(i: int, head_grams: torch.Tensor):
         def hook(_mod, args):
             x = args[0].float().reshape(-1, q_width)
             stats.o_sum[i] += x.sum(0).double()
             stats.o_sumsq[i] += (x * x).sum(0).double()
             z = x.view(-1, n_heads, head_dim)
-            y = torch.einsum("nhd,hdf->nhf", z, grams[i])
+            y = torch.einsum("nhd,hdf->nhf", z, head_grams)
             stats.head_contrib_sq[i] += (y * z).sum((0, 2)).double()
         return hook
 
@@ -105,6 +152,8 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
             a = args[0].float().reshape(-1, ffn)
             stats.ffn_sum[i] += a.sum(0).double()
             stats.ffn_sumsq[i] += (a * a).sum(0).double()
+            if gram:
+                gram[0] += a.T @ a
         return hook
 
     def layer_hook(i: int):
@@ -115,20 +164,25 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
             stats.cos_sum[i] += cos.sum().double()
         return hook
 
-    try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i)))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)))
-            handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            model(input_ids=batch, use_cache=False)
-            stats.tokens += batch.numel()
-            if progress is not None:
-                progress.update(len(batch))
-    finally:
-        for h in handles:
-            h.remove()
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    hidden, kwargs = _layer_inputs(model, batches)
+    for i, layer in enumerate(layers):
+        w = layer.self_attn.o_proj.weight.float().view(-1, n_heads, head_dim)  # [hidden, H, hd]
+        head_grams = torch.einsum("ehd,ehf->hdf", w, w)  # per-head W_h^T W_h
+        if ffn_order:
+            gram[:] = [torch.zeros(ffn, ffn)]
+        handles = [layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i, head_grams)),
+                   layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)),
+                   layer.register_forward_hook(layer_hook(i), with_kwargs=True)]
+        try:
+            hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+        finally:
+            for h in handles:
+                h.remove()
+        if stats.ffn_order is not None:
+            stats.ffn_order[i] = obs_order(gram.pop(), layer.mlp.down_proj.weight.float())
+        if progress is not None:
+            progress.update(1)
     return stats
 
 
@@ -156,9 +210,14 @@ def compute_scores(stats: LayerStats, model: Any, shape: Shape, scorer: str) -> 
     block_influence = 1.0 - stats.cos_sum / n
     o_cols = torch.stack([ly.self_attn.o_proj.weight.float().pow(2).sum(0).double() for ly in layers])
     down_cols = torch.stack([ly.mlp.down_proj.weight.float().pow(2).sum(0).double() for ly in layers])
-    if scorer == "activation":
+    if scorer in ("activation", "obs"):
         heads = (stats.head_contrib_sq / n).sqrt()
-        ffn = (stats.ffn_sumsq / n).sqrt() * down_cols.sqrt()
+        if scorer == "activation":
+            ffn = (stats.ffn_sumsq / n).sqrt() * down_cols.sqrt()
+        elif stats.ffn_order is not None:
+            ffn = stats.ffn_order
+        else:
+            raise ValueError("the obs scorer needs statistics collected with collect_stats(..., ffn_order=True)")
         kv = _group_sum(heads, KV)
     elif scorer == "fluctuation":
         o_var = (stats.o_sumsq / n - (stats.o_sum / n) ** 2).clamp_min(0)

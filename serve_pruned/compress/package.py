@@ -145,17 +145,17 @@ def _progress(total: int, desc: str, enabled: bool, *, unit: str = "seq") -> Any
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
 
 
-def _stats(model: Any, samples: Any, key: str, *, batch_size: int, progress: bool, log: Log) -> Any:
+def _stats(model: Any, samples: Any, key: str, *, batch_size: int, ffn_order: bool, progress: bool, log: Log) -> Any:
     from safetensors.torch import load_file, save_file
 
-    from serve_pruned.compress.importance import LayerStats, collect_stats
+    from serve_pruned.compress.importance import LayerStats, collect_stats, decoder_layers
 
     path = cache_root() / "stats" / f"{key}.safetensors"
     if path.is_file():
         log(f"importance statistics: reusing {path}")
         return LayerStats.from_dict(load_file(path))
-    with _progress(len(samples), "scoring (calibration pass)", progress) as bar:
-        stats = collect_stats(model, samples, batch_size=batch_size, progress=bar)
+    with _progress(len(decoder_layers(model)), "scoring (calibration pass)", progress, unit="layer") as bar:
+        stats = collect_stats(model, samples, batch_size=batch_size, progress=bar, ffn_order=ffn_order)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(stats.to_dict(), str(tmp))
@@ -484,6 +484,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                     "refit": opts.recover and opts.refit, "distill_steps": opts.distill_steps if opts.distills else 0}
         log(f"pruning in {n_steps} step(s)" + (f" to {', '.join(f'{x:.3f}' for x in targets if x)} of the parameters"
                                               if opts.iterative else ""))
+        obs = opts.scorer == "obs"  # its FFN order needs Gram matrices, collected only for it
         for k, step_target in enumerate(targets):
             step_dir = ckpt_root / f"step-{k + 1}"
             last = k == n_steps - 1
@@ -498,11 +499,14 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
             if k == 0 and samples is not None:
                 key = hashlib.sha256(
                     f"{fingerprint}|{calib_fp}|{opts.num_samples}|{opts.seq_len}|{opts.seed}|"
-                    f"{opts.compute_dtype}|v1".encode()).hexdigest()[:32]
-                stats = _stats(model, samples, key, batch_size=opts.batch_size, progress=progress, log=log)
+                    f"{opts.compute_dtype}|v1{'|obs' if obs else ''}".encode()).hexdigest()[:32]
+                stats = _stats(model, samples, key, batch_size=opts.batch_size, ffn_order=obs, progress=progress,
+                               log=log)
             elif samples is not None:
-                with _progress(len(samples), f"step {k + 1}/{n_steps}: scoring", progress) as bar:
-                    stats = collect_stats(cur.model, samples, batch_size=opts.batch_size, progress=bar)
+                with _progress(cur.shape.num_layers, f"step {k + 1}/{n_steps}: scoring", progress,
+                               unit="layer") as bar:
+                    stats = collect_stats(cur.model, samples, batch_size=opts.batch_size, progress=bar,
+                                          ffn_order=obs)
             else:  # magnitude scores need no data; block influence is then unused (no layers dropped)
                 n, zeros = before.num_layers, torch.zeros
                 stats = LayerStats(zeros(n, before.size("q")), zeros(n, before.size("q")), zeros(n, before.num_heads),

@@ -98,6 +98,20 @@ def test_scores_are_cached_between_runs(packaged, tiny_models, text_files, tmp_p
     assert "reusing" in proc.stderr
 
 
+def test_obs_scorer_collects_its_own_statistics(packaged, tiny_models, text_files, tmp_path):
+    """The activation statistics cached by `packaged` lack the Gram matrices obs ranks FFN channels with."""
+    args = ["package", str(tiny_models["llama"]), "--calib", str(text_files["calib"]), "--num-samples", "8",
+            "--seq-len", "64", "--keep-ffn", "128", "--multiple-of", "32", "--no-recover", "--no-progress",
+            "--scorer", "obs"]
+    first = run(*args, "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    assert "importance statistics: reusing" not in first.stderr
+    assert read_manifest(tmp_path / "a")["pruning"]["scorer"] == "obs"
+    second = run(*args, "--out", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr
+    assert "importance statistics: reusing" in second.stderr
+
+
 def _bad_model(tiny_models, tmp_path, mutate):
     d = tmp_path / "bad"
     shutil.copytree(tiny_models["llama"], d)

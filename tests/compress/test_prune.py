@@ -10,7 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from serve_pruned.compress.importance import Selection, collect_stats, compute_scores, select  # noqa: E402
+from serve_pruned.compress.importance import (  # noqa: E402
+    Selection,
+    collect_stats,
+    compute_scores,
+    obs_order,
+    select,
+)
 from serve_pruned.compress.model_io import load_model  # noqa: E402
 from serve_pruned.compress.prune import prune_model  # noqa: E402
 from serve_pruned.compress.shapes import Shape, count_params  # noqa: E402
@@ -77,14 +83,14 @@ def test_dropping_an_identity_layer_preserves_logits(arch, tiny_models):
         assert len(new_cfg["layer_types"]) == 3
 
 
-@pytest.mark.parametrize("scorer", ["activation", "fluctuation"])
+@pytest.mark.parametrize("scorer", ["activation", "fluctuation", "obs"])
 def test_data_scorers_rank_silent_structures_last(scorer, tiny_models):
     model, cfg = _load(tiny_models["llama"])
     before = Shape.from_config(cfg)
     _silence(model, heads=(3, 4, 5, 1), ffn=range(0, 256, 4))
     _silence(model, layer=1, heads=range(6), ffn=range(256))  # layer 1 is an identity
     samples = torch.randint(0, cfg["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(2))
-    stats = collect_stats(model, samples, batch_size=2)
+    stats = collect_stats(model, samples, batch_size=2, ffn_order=scorer == "obs")
     scores = compute_scores(stats, model, before, scorer)
     after = Shape(3, 2, 1, before.head_dim, 192)
     sel = select(scores, before, after)
@@ -92,6 +98,20 @@ def test_data_scorers_rank_silent_structures_last(scorer, tiny_models):
     assert all(g == [0] for g in sel.kv_groups)
     assert all(h == [0, 2] for h in sel.heads)
     assert all(set(f).isdisjoint(range(0, 256, 4)) for f in sel.ffn)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_by_layer_statistics_follow_the_models_own_forward(arch, tiny_models):
+    """Block influence from the layer-by-layer pass equals the cosines of the model's own hidden states."""
+    model, _ = _load(tiny_models[arch])
+    samples = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(5))
+    stats = collect_stats(model, samples, batch_size=2)
+    with torch.no_grad():
+        hs = model(input_ids=samples, output_hidden_states=True).hidden_states
+    n_layers = len(model.model.layers)  # the last entry of hidden_states is after the final norm
+    expected = [torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1).sum() for i in range(n_layers - 1)]
+    torch.testing.assert_close(stats.cos_sum[: n_layers - 1].float(), torch.stack(expected), rtol=1e-4, atol=1e-4)
+    assert stats.tokens.item() == samples.numel()
 
 
 def test_magnitude_scorer_ranks_by_weights_only(tiny_models):
@@ -110,3 +130,61 @@ def test_unknown_scorer_is_rejected(tiny_models):
     stats = collect_stats(model, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown scorer"):
         compute_scores(stats, model, Shape.from_config(cfg), "random")
+
+
+def _channels(seed: int, tokens: int = 400, width: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, width, generator=g, dtype=torch.float64)
+    w = torch.randn(5, width, generator=g, dtype=torch.float64)
+    return x, w, g
+
+
+def _refit_residual(x, w, cols) -> float:
+    """Squared error of the best least-squares refit of ``x @ w.T`` from the channels ``cols`` alone."""
+    y = x @ w.T
+    if not cols:
+        return float(y.pow(2).sum())
+    sol = torch.linalg.lstsq(x[:, cols], y).solution
+    return float((x[:, cols] @ sol - y).pow(2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_obs_order_is_greedy_elimination_with_a_least_squares_refit_after_each_drop(seed):
+    x, w, g = _channels(seed, width=9)
+    x[:, 3] = 0.9 * x[:, 5] + 0.05 * torch.randn(400, generator=g, dtype=torch.float64)  # nearly redundant pair
+    order = obs_order(x.T @ x, w, chunk=1, damp=1e-9)
+    alive, expected = list(range(9)), []
+    while alive:  # brute force: drop whichever channel leaves the smallest refit error
+        j = min(alive, key=lambda c: _refit_residual(x, w, [a for a in alive if a != c]) if len(alive) > 1 else 0)
+        expected.append(j)
+        alive.remove(j)
+    assert order.argsort().tolist() == expected
+
+
+def test_obs_keeps_one_of_two_duplicate_channels_where_activation_keeps_both():
+    x, w, g = _channels(3, width=6)
+    x[:, 1] = x[:, 0]  # the same signal twice, and loud: activation ranks both on top
+    x[:, 0] *= 4
+    x[:, 1] *= 4
+    w[:, 0] = w[:, 1] = 1.0
+    order = obs_order(x.T @ x, w, chunk=1, damp=1e-6)
+    kept = set(order.topk(4).indices.tolist())
+    activation = (x.pow(2).mean(0).sqrt() * w.norm(dim=0))
+    assert {0, 1} <= set(activation.topk(4).indices.tolist())
+    assert len(kept & {0, 1}) == 1
+    # the four it keeps reproduce the layer's output better than activation's four
+    assert _refit_residual(x, w, sorted(kept)) < _refit_residual(x, w, activation.topk(4).indices.tolist())
+
+
+def test_chunked_obs_matches_one_at_a_time_on_the_channels_kept():
+    x, w, _ = _channels(4, width=48)
+    one = obs_order(x.T @ x, w, chunk=1)
+    chunked = obs_order(x.T @ x, w, chunk=8)
+    assert set(chunked.topk(16).indices.tolist()) == set(one.topk(16).indices.tolist())
+
+
+def test_obs_scorer_needs_the_ffn_order(tiny_models):
+    model, cfg = _load(tiny_models["llama"])
+    stats = collect_stats(model, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="ffn_order=True"):
+        compute_scores(stats, model, Shape.from_config(cfg), "obs")
