@@ -37,7 +37,7 @@ class PackageOptions(BaseModel):
     batch_size: int = Field(4, ge=1)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
-    scorer: Literal["activation", "fluctuation", "magnitude", "obs"] = "activation"
+    scorer: Literal["activation", "fluctuation", "magnitude", "obs"] = "obs"
     target_params: float | None = None
     keep_heads: int | None = None
     keep_kv_heads: int | None = None
