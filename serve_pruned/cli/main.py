@@ -150,8 +150,9 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--num-samples", type=int, default=64, show_default=True, help="Calibration samples for scoring.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--scorer", type=click.Choice(["activation", "fluctuation", "magnitude", "obs"]), default="obs",
-              show_default=True, help="Importance scorer.")
+@click.option("--scorer", type=click.Choice(["auto", "activation", "fluctuation", "magnitude", "obs"]),
+              default="auto", show_default=True,
+              help="Importance scorer; auto: obs when the refit runs, else activation.")
 @click.option("--target-params", type=float, help="Fraction of total parameters to keep, in (0, 1).")
 @click.option("--keep-heads", type=int, help="Query heads per layer to keep.")
 @click.option("--keep-kv-heads", type=int, help="KV heads (groups) per layer to keep.")

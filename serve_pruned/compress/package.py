@@ -414,7 +414,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     for cand in candidates:  # a group size that cannot work fails now, not after minutes of work
         plan_quantization(opts.quant, _widths(cand.shape, hidden), group_size=opts.group_size)
     quant_needs_data = opts.quant in ("w8a8", "w4a16")
-    needs_calib = quant_needs_data or (prune and (opts.scorer != "magnitude" or len(candidates) > 1
+    needs_calib = quant_needs_data or (prune and (opts.scorer_used != "magnitude" or len(candidates) > 1
                                                   or opts.drop_layers > 0 or opts.iterative))
     if needs_calib and not opts.calib:
         what = "quantization" if quant_needs_data and not prune else "this pruning"
@@ -484,7 +484,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                     "refit": opts.recover and opts.refit, "distill_steps": opts.distill_steps if opts.distills else 0}
         log(f"pruning in {n_steps} step(s)" + (f" to {', '.join(f'{x:.3f}' for x in targets if x)} of the parameters"
                                               if opts.iterative else ""))
-        obs = opts.scorer == "obs"  # its FFN order needs Gram matrices, collected only for it
+        obs = opts.scorer_used == "obs"  # its FFN order needs Gram matrices, collected only for it
         for k, step_target in enumerate(targets):
             step_dir = ckpt_root / f"step-{k + 1}"
             last = k == n_steps - 1
@@ -512,7 +512,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                 stats = LayerStats(zeros(n, before.size("q")), zeros(n, before.size("q")), zeros(n, before.num_heads),
                                    zeros(n, before.intermediate_size), zeros(n, before.intermediate_size),
                                    zeros(n), torch.ones(1))
-            scores: Scores = compute_scores(stats, cur.model, cur.shape, opts.scorer)
+            scores: Scores = compute_scores(stats, cur.model, cur.shape, opts.scorer_used)
             timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             if step_target is None:
@@ -645,7 +645,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
             "weight_bytes_before": sum(t.nbytes for t in src.tensors.values()),
             "kv_cache_bytes_per_token": chosen.shape.kv_cache_bytes_per_token(dtype_bytes),
             "kv_cache_bytes_per_token_before": before.kv_cache_bytes_per_token(dtype_bytes),
-            "pruning": ({"scorer": opts.scorer, **final_sel.summary(),
+            "pruning": ({"scorer": opts.scorer_used, **final_sel.summary(),
                          "shape_search": steps_report[-1]["shape_search"]} if final_sel is not None else None),
             "recovery": recovery,
             "options": opts.public(),

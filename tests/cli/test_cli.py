@@ -93,20 +93,21 @@ def test_eval_matches_packaging_report(packaged, tiny_models, text_files):
 def test_scores_are_cached_between_runs(packaged, tiny_models, text_files, tmp_path):
     proc = run("package", str(tiny_models["llama"]), "--out", str(tmp_path / "o"), "--calib",
                str(text_files["calib"]), "--num-samples", "8", "--seq-len", "64", "--keep-ffn", "128",
-               "--multiple-of", "32", "--no-recover", "--no-progress")
+               "--multiple-of", "32", "--no-recover", "--scorer", "obs", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "reusing" in proc.stderr
 
 
-def test_obs_scorer_collects_its_own_statistics(packaged, tiny_models, text_files, tmp_path):
-    """The activation statistics cached by `packaged` lack the Gram matrices obs ranks FFN channels with."""
+def test_activation_and_obs_statistics_are_cached_apart(packaged, tiny_models, text_files, tmp_path):
+    """`packaged` scored with obs (auto, as it refits); its statistics carry Gram-matrix work activation does
+    not need, so activation (auto without recovery) makes and caches its own."""
     args = ["package", str(tiny_models["llama"]), "--calib", str(text_files["calib"]), "--num-samples", "8",
-            "--seq-len", "64", "--keep-ffn", "128", "--multiple-of", "32", "--no-recover", "--no-progress",
-            "--scorer", "obs"]
+            "--seq-len", "64", "--keep-ffn", "128", "--multiple-of", "32", "--no-recover", "--no-progress"]
+    assert read_manifest(packaged[0])["pruning"]["scorer"] == "obs"
     first = run(*args, "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     assert "importance statistics: reusing" not in first.stderr
-    assert read_manifest(tmp_path / "a")["pruning"]["scorer"] == "obs"
+    assert read_manifest(tmp_path / "a")["pruning"]["scorer"] == "activation"
     second = run(*args, "--out", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr
     assert "importance statistics: reusing" in second.stderr
