@@ -24,8 +24,8 @@ greedy elimination removes them. With ``H = A^T A`` the Gram matrix of ``down_pr
 drops the channels whose removal costs least once the remaining channels are refit by least squares,
 ``||W_down[:, j]||^2 / [H^-1]_jj``, and updates the remaining weights and ``H^-1`` for that refit. Unlike the
 scores above it sees that two channels can carry the same signal, and it ranks for exactly the least-squares
-refit that recovery applies next. Needs the Gram matrices (``layers x F^2`` float32 while scoring), so it is
-collected only when asked for (``collect_stats(..., ffn_order=True)``). Heads score as ``activation``.
+refit that recovery applies next. It needs each layer's Gram matrix (F x F float32, one layer at a time), so
+it is collected only when asked for (``collect_stats(..., ffn_order=True)``). Heads score as ``activation``.
 
 Layers are always scored by block influence, ``1 - cos(h_in, h_out)`` (ShortGPT).
 """
@@ -40,6 +40,7 @@ import torch
 from serve_pruned.compress.shapes import Shape
 
 SCORERS = ("activation", "fluctuation", "magnitude", "obs")
+
 
 @dataclass
 class LayerStats:
