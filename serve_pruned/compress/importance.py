@@ -94,10 +94,10 @@ def obs_order(gram: torch.Tensor, weight: torch.Tensor, *, chunk: int = 16, damp
         keep = torch.ones(alive.numel(), dtype=torch.bool)
         keep[drop] = False
         # remove the chunk Q and refit the rest: W_K -= W_Q (H^-1_QQ)^-1 H^-1_QK, same downdate for H^-1
-        q_inv = torch.linalg.inv(hinv[drop][:, drop])
-        across = q_inv @ hinv[drop][:, keep]  # [k, |K|]
+        h_qk = hinv[drop][:, keep]  # H^-1 is symmetric: H^-1_KQ is its transpose
+        across = torch.linalg.inv(hinv[drop][:, drop]) @ h_qk  # [k, |K|]
         w = w[:, keep] - w[:, drop] @ across
-        hinv = hinv[keep][:, keep] - hinv[keep][:, drop] @ across
+        hinv = hinv[keep][:, keep] - h_qk.T @ across
         alive = alive[keep]
     return rank
 
@@ -160,7 +160,7 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
     def layer_hook(i: int):
         def hook(_mod, args, kwargs, output):
             h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = output[0] if isinstance(output, tuple) else output
+            h_out = _output(output)
             cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
             stats.cos_sum[i] += cos.sum().double()
         return hook
