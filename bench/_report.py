@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +19,8 @@ HEADER = """# Benchmarks
 
 Every figure here was written by a script under `bench/`, together with the command that made it.
 Figures inside one section were measured side by side in one run; do not compare across sections or
-machines. Regenerate with `make bench`.
+machines. Each section keeps the settings of the code it ran with (its last line names when, and from
+late 2026-11-29 on, the commit); a section run before a default changed says so. Regenerate with `make bench`.
 """
 
 
@@ -34,11 +36,24 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
+def code_version() -> str:
+    """The commit the benchmark ran at, marked when the work tree differed from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit"
+    return f"commit {head}" + (" with local changes" if dirty else "")
+
+
 def write_section(name: str, body: str, command: str) -> None:
     """Replace (or append) the section ``name`` of docs/benchmarks.md."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = (f"<!-- bench:{name} -->\n{body.strip()}\n\nCommand: `{command}`  \n"
-             f"Machine: {machine()}; run {stamp}.\n<!-- /bench:{name} -->")
+             f"Machine: {machine()}; run {stamp} at {code_version()}.\n<!-- /bench:{name} -->")
     text = DOC.read_text() if DOC.exists() else HEADER
     pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
