@@ -91,6 +91,7 @@ bench: setup setup-bench
 	$(PY) bench/serving.py
 	$(PY) bench/refit.py
 	$(PY) bench/distill.py
+	$(PY) bench/budget.py
 	$(PY) bench/distill_speed.py
 	$(PY) bench/exporter_scrape.py
 	$(PY) bench/torch_pruning.py
