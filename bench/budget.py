@@ -14,24 +14,17 @@ import argparse
 import copy
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import DOCS, OOD, publish  # noqa: E402
+from _report import publish  # noqa: E402
+from _start import refit_start  # noqa: E402
 
-from serve_pruned.compress.data import calibration_samples, eval_tokens, read_sources  # noqa: E402
-from serve_pruned.compress.distill import DistillSettings, distill  # noqa: E402
-from serve_pruned.compress.evaluate import evaluate  # noqa: E402
-from serve_pruned.compress.example_model import materialize  # noqa: E402
-from serve_pruned.compress.model_io import load_model, load_tokenizer, resolve_model  # noqa: E402
-from serve_pruned.compress.package import _generated, package, source_fingerprint  # noqa: E402
-from serve_pruned.options import PackageOptions  # noqa: E402
+from serve_pruned.compress.data import calibration_samples  # noqa: E402
+from serve_pruned.compress.distill import distill  # noqa: E402
+from serve_pruned.compress.package import distill_settings  # noqa: E402
 
-DEFAULTS = {k: PackageOptions.model_fields[k].default for k in (
-    "distill_lr", "distill_batch_size", "distill_seq_len", "distill_samples", "distill_temperature",
-    "distill_hidden_weight", "distill_train_embeddings", "distill_dtype", "seed")}
 GOALS = {"held out": 1.25, "out of domain": 1.5}  # issue #7's quality goals, as ratios to the original
 
 
@@ -54,41 +47,24 @@ def main() -> None:
     ap.add_argument("--steps", default="64,160,320", help="comma-separated step budgets")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     args = ap.parse_args()
-    budgets = sorted({int(s) for s in args.steps.split(",")})
+    try:
+        budgets = sorted({int(s) for s in args.steps.split(",")})
+    except ValueError:
+        budgets = []
     if len(budgets) < 2 or budgets[0] < 1:
-        sys.exit("--steps needs at least two positive budgets")
-    calib = (str(DOCS / "howto"), str(DOCS / "faq"), "generated:32")
-    seq_len, batch = DEFAULTS["distill_seq_len"], DEFAULTS["distill_batch_size"]
-    with tempfile.TemporaryDirectory() as tmp:
-        src = materialize(Path(tmp) / "smol")
-        start = Path(tmp) / "refit"
-        package(PackageOptions(model=str(src), out=start, target_params=0.75, distill_steps=0, calib=calib),
-                progress=False)
-        tok = load_tokenizer(src, trust_remote_code=False)
-        teacher = load_model(src, dtype="float32", trust_remote_code=False)
-        student0 = load_model(start, dtype="float32", trust_remote_code=False)
-        sources = read_sources(list(calib))
-        # the same generated texts the packaging used (cached by the model's fingerprint)
-        sources[2].docs = _generated(teacher, tok, 32, fingerprint=source_fingerprint(resolve_model(str(src))),
-                                     seq_len=seq_len, seed=DEFAULTS["seed"], progress=False, log=lambda _m: None)
-    texts = [eval_tokens(tok, read_sources([str(p)]), max_tokens=args.eval_tokens) for p in (DOCS / "tutorial", OOD)]
-
-    def ppl(model) -> tuple[float, float]:
-        held_out, ood = (evaluate(model, ids, seq_len=512).perplexity for ids in texts)
-        return held_out, ood
+        ap.error(f"--steps {args.steps!r}: give at least two positive step counts, e.g. --steps 64,160,320")
+    start = refit_start(eval_tokens_max=args.eval_tokens)
+    opts, tok, teacher, student0, ppl = start.opts, start.tokenizer, start.teacher, start.student, start.ppl
+    seq_len, batch = opts.distill_seq_len, opts.distill_batch_size
 
     orig, refit = ppl(teacher), ppl(student0)
     rows = []
     for n in budgets:
         # the window pool of `--distill-samples max(640, 4N)`; a shorter one is a prefix of a longer one
-        pool = calibration_samples(tok, sources, num_samples=max(DEFAULTS["distill_samples"], batch * n),
-                                   seq_len=seq_len, seed=DEFAULTS["seed"] + 1)
+        pool = calibration_samples(tok, start.sources, num_samples=max(opts.distill_samples, batch * n),
+                                   seq_len=seq_len, seed=opts.seed + 1)
         student = copy.deepcopy(student0)
-        r = distill(student, teacher, pool, settings=DistillSettings(
-            steps=n, lr=DEFAULTS["distill_lr"], batch_size=batch, temperature=DEFAULTS["distill_temperature"],
-            hidden_weight=DEFAULTS["distill_hidden_weight"], warmup_steps=max(1, min(10, n // 10)),
-            dtype=DEFAULTS["distill_dtype"], seed=DEFAULTS["seed"],
-            train_embeddings=DEFAULTS["distill_train_embeddings"]))
+        r = distill(student, teacher, pool, settings=distill_settings(opts, n))
         rows.append((n, len(pool), r, ppl(student)))
         print(n, r["seconds"], rows[-1][3], file=sys.stderr)
         del student

@@ -11,19 +11,17 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import DOCS, OOD, publish  # noqa: E402
+from _report import publish  # noqa: E402
+from _start import refit_start  # noqa: E402
 
-from serve_pruned.compress.data import calibration_samples, eval_tokens, read_sources  # noqa: E402
-from serve_pruned.compress.distill import DistillSettings, distill  # noqa: E402
-from serve_pruned.compress.evaluate import evaluate  # noqa: E402
-from serve_pruned.compress.example_model import materialize  # noqa: E402
-from serve_pruned.compress.model_io import load_model, load_tokenizer, resolve_model  # noqa: E402
-from serve_pruned.compress.package import _generated, package, source_fingerprint  # noqa: E402
+from serve_pruned.compress.data import calibration_samples  # noqa: E402
+from serve_pruned.compress.distill import distill  # noqa: E402
+from serve_pruned.compress.package import distill_settings  # noqa: E402
 from serve_pruned.options import PackageOptions  # noqa: E402
 
 # (peak lr, train the embedding); DEFAULT is what `serve-pruned package` uses
@@ -39,32 +37,16 @@ def main() -> None:
     ap.add_argument("--refit-target", choices=("block", "stream"), default="block", help="how the start is refit")
     ap.add_argument("--default-only", action="store_true", help="only the package default setting")
     args = ap.parse_args()
-    calib = (str(DOCS / "howto"), str(DOCS / "faq"), "generated:32")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = materialize(Path(tmp) / "smol")
-        start = Path(tmp) / "refit"
-        package(PackageOptions(model=str(src), out=start, target_params=0.75, schedule="one-shot",
-                               distill_steps=0, calib=calib, refit_target=args.refit_target), progress=False)
-        tok = load_tokenizer(src, trust_remote_code=False)
-        teacher = load_model(src, dtype="float32", trust_remote_code=False)
-        student0 = load_model(start, dtype="float32", trust_remote_code=False)
-        sources = read_sources(list(calib))
-        # the same generated texts the packaging used (cached by the model's fingerprint)
-        sources[2].docs = _generated(teacher, tok, 32, fingerprint=source_fingerprint(resolve_model(str(src))),
-                                     seq_len=256, seed=0, progress=False, log=lambda _m: None)
-    dsamples = calibration_samples(tok, sources, num_samples=512, seq_len=256, seed=1)
-    texts = [eval_tokens(tok, read_sources([str(p)]), max_tokens=args.eval_tokens) for p in (DOCS / "tutorial", OOD)]
-
-    def ppl(model) -> tuple[float, float]:
-        return tuple(evaluate(model, ids, seq_len=512).perplexity for ids in texts)
+    start = refit_start(eval_tokens_max=args.eval_tokens, refit_target=args.refit_target)
+    tok, teacher, student0, ppl = start.tokenizer, start.teacher, start.student, start.ppl
+    dsamples = calibration_samples(tok, start.sources, num_samples=512, seq_len=256, seed=1)
 
     orig, refit = ppl(teacher), ppl(student0)
     rows = []
     for lr, train_emb in [DEFAULT] if args.default_only else SETTINGS:
         student = copy.deepcopy(student0)
-        r = distill(student, teacher, dsamples, settings=DistillSettings(
-            steps=args.steps, lr=lr, batch_size=4, warmup_steps=max(1, min(10, args.steps // 10)),
-            train_embeddings=train_emb))
+        settings = replace(distill_settings(start.opts, args.steps), lr=lr, train_embeddings=train_emb)
+        r = distill(student, teacher, dsamples, settings=settings)
         rows.append((lr, train_emb, r, ppl(student)))
         print(lr, train_emb, r["seconds"], rows[-1][3], file=sys.stderr)
     tokens = args.steps * 4 * 256

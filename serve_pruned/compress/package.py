@@ -41,6 +41,7 @@ from serve_pruned.manifest import sha256_file, write_manifest
 from serve_pruned.options import PackageOptions
 
 if TYPE_CHECKING:
+    from serve_pruned.compress.distill import DistillSettings
     from serve_pruned.compress.importance import Selection
 
 Log = Callable[[str], None]
@@ -206,6 +207,16 @@ def _split(total: int, parts: int) -> list[int]:
     """``total`` spread over ``parts`` as evenly as integers allow (the later parts get the remainder)."""
     base, extra = divmod(total, parts)
     return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
+
+
+def distill_settings(opts: PackageOptions, steps: int) -> DistillSettings:
+    """The distillation settings of one pruning step of ``steps`` optimizer steps under ``opts``."""
+    from serve_pruned.compress.distill import DistillSettings
+
+    return DistillSettings(
+        steps=steps, lr=opts.distill_lr, batch_size=opts.distill_batch_size, temperature=opts.distill_temperature,
+        hidden_weight=opts.distill_hidden_weight, warmup_steps=max(1, min(10, steps // 10)), dtype=opts.distill_dtype,
+        seed=opts.seed, train_embeddings=opts.distill_train_embeddings)
 
 
 def _identity(shape: Shape) -> Selection:
@@ -557,14 +568,10 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
                         f"{report['refit'][f'{n}_rel_error_after']:.3f}"
                         for n in ("attn", "mlp") if f"{n}_rel_error_before" in report["refit"]))
             if distill_budget[k] > 0 and dsamples is not None:
-                from serve_pruned.compress.distill import DistillSettings, distill
+                from serve_pruned.compress.distill import distill
 
                 t = time.perf_counter()
-                settings = DistillSettings(
-                    steps=distill_budget[k], lr=opts.distill_lr, batch_size=opts.distill_batch_size,
-                    temperature=opts.distill_temperature, hidden_weight=opts.distill_hidden_weight,
-                    warmup_steps=max(1, min(10, distill_budget[k] // 10)), dtype=opts.distill_dtype, seed=opts.seed,
-                    train_embeddings=opts.distill_train_embeddings)
+                settings = distill_settings(opts, distill_budget[k])
                 budget = (opts.distill_time_budget_s * distill_budget[k] / opts.distill_steps
                           if opts.distill_time_budget_s else None)
                 with _progress(settings.steps, f"step {k + 1}/{n_steps}: distilling", progress, unit="step") as bar:
