@@ -28,7 +28,7 @@ class UsageError(ServePrunedError, ValueError):
 
 
 class InvalidTargetError(UsageError):
-    """A pruning target that cannot be met (outside (0, 1], already met, or below the smallest shape)."""
+    """A pruning target that cannot be met (outside (0, 1), already met, or below the smallest shape)."""
 
     def __init__(self, message: str, *, field: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
@@ -106,14 +106,29 @@ class DatasetUnavailableError(ServePrunedError, ConnectionError):
 
 
 class OutputExistsError(ServePrunedError, FileExistsError):
-    """The output folder exists and --overwrite was not given."""
+    """The output exists and --overwrite was not given."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, kind: str = "folder") -> None:
         super().__init__(
-            f"output folder {path} already exists",
+            f"output {kind} {path} already exists",
             hint="pass --overwrite to replace it (it is only replaced after the new output is complete)",
         )
         self.path = path
+
+
+class OutputNotOwnedError(ServePrunedError, FileExistsError):
+    """The output exists and holds something this command did not write: it is never replaced."""
+
+    def __init__(self, path: str, what: str, foreign: list[str], *, kind: str | None = None) -> None:
+        if kind is not None:
+            message = f"{path} is {kind}; the output is a {what}"
+        else:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            message = f"{path} holds files that are not a {what} this tool wrote ({shown}); nothing was changed"
+        super().__init__(message, hint="choose another output path (this one is never replaced, even with "
+                                       "--overwrite), or move its contents away first")
+        self.path = path
+        self.foreign = foreign
 
 
 class ManifestError(ServePrunedError, ValueError):
@@ -212,3 +227,11 @@ class KubectlError(ServePrunedError, RuntimeError):
         super().__init__(message, hint=hint)
         self.argv = argv
         self.returncode = returncode
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A PyYAML error as one phrase (``not valid YAML at line 3: expected ',' or ']'``), without its caret block."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None)
+    return f"not valid YAML{where}" + (f": {problem}" if problem else "")

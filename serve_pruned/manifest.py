@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from serve_pruned.atomic import Owner
 from serve_pruned.errors import ManifestError
 
 MANIFEST_NAME = "serve_pruned.json"
@@ -42,6 +43,23 @@ def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _not_in_manifest(folder: Path) -> list[str]:
+    """Entries of ``folder`` that its manifest does not list (all of them when it has no readable one)."""
+    files = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if not p.is_dir())
+    try:
+        manifest = read_manifest(folder)
+    except ManifestError:
+        return files or sorted(p.name for p in Path(folder).iterdir())
+    if not str(manifest.get("created_by", "")).startswith("serve-pruned"):
+        return files
+    listed = {*manifest.get("files", {}), MANIFEST_NAME}
+    return [f for f in files if f not in listed]
+
+
+# A packaged (or pulled) model folder: every file is listed in its serve_pruned.json.
+PACKAGE_OWNER = Owner("packaged model", _not_in_manifest)
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
@@ -53,7 +71,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not valid JSON: {exc}", path=str(path)) from exc
+        raise ManifestError(f"{path} is not valid JSON ({exc})", path=str(path),
+                            hint="the manifest was damaged: re-package the model, or pull it again") from exc
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path} has an unknown format_version", path=str(path),
                             hint="upgrade serve-pruned, or re-package the model")

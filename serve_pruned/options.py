@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve_pruned.errors import OptionError
+from serve_pruned.errors import OptionError, yaml_problem
 
 
 class PackageOptions(BaseModel):
@@ -42,7 +42,7 @@ class PackageOptions(BaseModel):
     keep_heads: int | None = None
     keep_kv_heads: int | None = None
     keep_ffn: int | None = None
-    drop_layers: int = 0
+    drop_layers: int = Field(0, ge=0)
     multiple_of: int | None = Field(
         None, ge=1, description="FFN sizes are multiples of this (default: 64 with quant w4a16, else 32)")
     max_candidates: int = Field(12, ge=1)
@@ -136,11 +136,30 @@ class PackageOptions(BaseModel):
         return d
 
 
+# What to do about a rule across fields (the model validator's errors), by the field it names.
 _RULE_HINTS = {
     "group_size": "drop group_size, or set quant: w4a16",
     "target_params": "e.g. 0.75 keeps three quarters of the parameters",
     "calib": "add calib: [FILE, ...] (mix sources), or set recover: false / --no-recover",
 }
+# What to do about a value out of range, where "pass a value in range" is not enough.
+_RANGE_HINTS = {
+    "group_size": "a W4A16 group size such as 128, 64 or 32 that divides the model's widths (leave it out to "
+                  "get the largest that does)",
+}
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _range_hint(field: str, ctx: dict[str, Any]) -> str | None:
+    """``pass a value >= 1 (default 64)``, from pydantic's error context and the field's default."""
+    if field in _RANGE_HINTS:
+        return _RANGE_HINTS[field]
+    bounds = " and ".join(f"{op} {ctx[k]}" for k, op in _BOUNDS.items() if k in ctx)
+    if not bounds:
+        return None
+    info = PackageOptions.model_fields.get(field)
+    default = info.default if info is not None else None
+    return f"pass a value {bounds}" + (f" (default {default})" if default not in (None, ()) else "")
 
 
 def _key(k: str) -> str:
@@ -156,9 +175,7 @@ def load_recipe(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise OptionError(f"cannot read the recipe ({exc.strerror})", field="recipe", source=str(path)) from exc
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise OptionError(f"not valid YAML{where}", field="recipe", source=str(path),
+        raise OptionError(yaml_problem(exc), field="recipe", source=str(path),
                           hint="a recipe is a mapping such as `target_params: 0.75`") from exc
     if raw is None:
         return {}
@@ -185,9 +202,13 @@ def build_options(values: dict[str, Any], *, origins: dict[str, str] | None = No
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
-        if not loc:  # a rule across fields: its message starts with the field it is about
+        if loc:
+            what_to_do = _range_hint(loc, dict(err.get("ctx") or {}))
+            msg += f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+        else:  # a rule across fields: its message starts with the field it is about
             loc, _, msg = msg.partition(": ") if ": " in msg else ("options", "", msg)
-        raise OptionError(msg, field=loc, source=origins.get(loc.split(".")[0]), hint=_RULE_HINTS.get(loc)) from exc
+            what_to_do = _RULE_HINTS.get(loc)
+        raise OptionError(msg, field=loc, source=origins.get(loc.split(".")[0]), hint=what_to_do) from exc
 
 
 _AS_TUPLE = ("calib", "eval_text", "eval_ood_text", "eval_prompts")

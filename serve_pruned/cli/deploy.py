@@ -14,7 +14,7 @@ from typing import Any
 import click
 import yaml
 
-from serve_pruned.cli.main import format_option, handle_errors, info
+from serve_pruned.cli.common import OUTPUT, format_option, info, overwrite_option
 from serve_pruned.manifests.kustomize import EXAMPLE_MODEL, EXAMPLE_MODEL_DIR, OVERLAYS
 
 CHART = "deploy/helm/serve-pruned"
@@ -170,38 +170,44 @@ def _load_objects(source: str) -> list[dict[str, Any]]:
         elif path.is_file():
             text = path.read_text()
         else:
-            raise UsageError(f"{source} is neither a file, a folder nor '-'")
+            raise UsageError(f"{source} is neither a file, a folder nor '-'",
+                             hint="pass rendered manifests: a YAML file, a folder of them, or '-' for stdin")
     return [d for d in yaml.safe_load_all(text) if d]
 
 
-# Annotated (not a decorated function) so mypy can type it across the import cycle with cli.main.
 deploy_group: click.Group = click.Group(
     "deploy", help="Kubernetes: render, check and apply manifests for a packaged model (vLLM, sized in bytes).")
 
 
 @deploy_group.command("render")
 @render_options
-@click.option("-o", "--output", required=True, help="Folder (one file per object + kustomization.yaml) or '-'.")
-@click.option("--values-out", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also write the spec as Helm values for deploy/helm/serve-pruned.")
-@handle_errors
-def render_cmd(output: str, values_out: Path | None, **o: Any) -> None:
+@click.option("-o", "--output", type=OUTPUT, required=True,
+              help="Folder (one file per object + kustomization.yaml) or '-'.")
+@click.option("--values-out", type=OUTPUT, help="Also write the spec as Helm values for deploy/helm/serve-pruned.")
+@overwrite_option("--output and --values-out")
+def render_cmd(output: Path, values_out: Path | None, overwrite: bool, **o: Any) -> None:
     """Render the Deployment, Service, PDB, NetworkPolicy, ... of --model, sized by the planner."""
-    from serve_pruned.atomic import atomic_write_text
+    from serve_pruned.atomic import check_output, write_output_file
     from serve_pruned.manifests import build, dump
     from serve_pruned.manifests.checks import check_or_raise
-    from serve_pruned.manifests.kustomize import write_dir
+    from serve_pruned.manifests.kustomize import GENERATED_FILE, RENDERED, values_yaml, write_dir
 
+    to_stdout = str(output) == "-"
+    if not to_stdout:  # a folder that may not be written fails before the planner runs
+        check_output(output, overwrite=overwrite, owner=RENDERED)
+    if values_out is not None:
+        check_output(values_out, overwrite=overwrite, owner=GENERATED_FILE, folder=False)
     spec = spec_from_options(**o)
     objs = build(spec)
     check_or_raise(objs)
+    command = "serve-pruned deploy render " + shlex.join(sys.argv[3:])
     if values_out is not None:
-        atomic_write_text(values_out, yaml.safe_dump(spec.model_dump(by_alias=True, mode="json"), sort_keys=False))
+        write_output_file(values_out, values_yaml(spec, command=command), overwrite=overwrite, owner=GENERATED_FILE)
         info(f"wrote Helm values {values_out}")
-    if output == "-":
+    if to_stdout:
         click.echo(dump(objs), nl=False)
         return
-    write_dir(Path(output), objs, command="serve-pruned deploy render " + shlex.join(sys.argv[3:]))
+    write_dir(output, objs, command=command, overwrite=overwrite)
     info(f"wrote {len(objs)} objects to {output} ({spec.instances_per_gpu} instance(s) per "
          f"{spec.gpu.type if spec.gpu else 'pod'}, {spec.budget.instance_bytes / (1 << 30):.2f} GiB each)")
 
@@ -213,7 +219,6 @@ def render_cmd(output: str, values_out: Path | None, **o: Any) -> None:
               show_default=True)
 @click.option("--chart", type=click.Path(path_type=Path, file_okay=False), default=CHART, show_default=True,
               help="Also write this Helm chart's values.yaml (the gpu-colocated example) and values.schema.json.")
-@handle_errors
 def kustomize_cmd(root: Path, model: str, model_dir: Path, chart: Path) -> None:
     """Regenerate ROOT/base and ROOT/overlays/{cpu-dev,gpu-colocated,mig} (the committed k8s/ tree)."""
     from serve_pruned.manifests import build
@@ -222,7 +227,7 @@ def kustomize_cmd(root: Path, model: str, model_dir: Path, chart: Path) -> None:
     specs = {}
     for name, args in OVERLAYS.items():
         ctx = render_cmd.make_context("render", [*args, "--model", model, "--model-dir", str(model_dir), "-o", "-"])
-        params = {k: v for k, v in ctx.params.items() if k not in ("output", "values_out")}
+        params = {k: v for k, v in ctx.params.items() if k not in ("output", "values_out", "overwrite")}
         specs[name] = spec_from_options(**params)
     summary = write_tree(root, specs, build=build, command=REGENERATE)
     if chart.is_dir():
@@ -234,7 +239,6 @@ def kustomize_cmd(root: Path, model: str, model_dir: Path, chart: Path) -> None:
 @deploy_group.command("check")
 @click.argument("source", default="-")
 @format_option
-@handle_errors
 def check_cmd(source: str, fmt: str) -> None:
     """Check rendered manifests (file, folder, kustomize folder or '-') for what linters miss."""
     from serve_pruned.errors import ManifestCheckError
@@ -260,7 +264,6 @@ def check_cmd(source: str, fmt: str) -> None:
               help="Seconds to wait for each Deployment's rollout (pull + load).")
 @click.option("--kubectl", "kubectl_path", help="kubectl binary [default: from PATH].")
 @format_option
-@handle_errors
 def apply_cmd(source: str, dry_run: str, context: str | None, timeout_s: float, kubectl_path: str | None,
               fmt: str) -> None:
     """`kubectl apply --server-side` SOURCE (file, folder, kustomize folder or '-'), then rollout status."""

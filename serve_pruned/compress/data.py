@@ -30,9 +30,21 @@ class TextSource:
         return sum(len(d) for d in self.docs)
 
 
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text, a stray bad byte replaced; a file that is mostly not UTF-8 text (binary, another encoding)
+    is refused, since its replacement characters would be scored and pruned on as if they were language."""
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if b"\x00" in data[:1 << 16] or bad > max(8, len(text) // 100):
+        raise CalibrationDataError(
+            f"{path} is not UTF-8 text (binary data, or another encoding: {bad} of its {len(text)} characters "
+            "do not decode)", path=str(path), hint="pass plain UTF-8 text files (convert others with iconv)")
+    return text
+
+
 def _read_file(path: Path, text_field: str) -> list[str]:
     try:
-        raw = path.read_text(encoding="utf-8", errors="replace")
+        raw = _decode(path, path.read_bytes())
     except OSError as exc:
         raise CalibrationDataError(f"cannot read {path}: {exc.strerror}", path=str(path)) from exc
     if path.suffix == ".jsonl":

@@ -7,6 +7,7 @@ loaded model carries a GGUF quantization config that must be removed before ``sa
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import shutil
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serve_pruned.atomic import atomic_dir, atomic_write_text
+from serve_pruned.atomic import Owner, atomic_dir, atomic_write_text, check_output
 from serve_pruned.cache import cache_root
 from serve_pruned.errors import MissingExtraError
 
@@ -57,17 +58,34 @@ def materialize(dest: Path, *, overwrite: bool = False, cache_dir: Path | None =
                 log: Callable[[str], None] = lambda _m: None) -> Path:
     """Write the bf16 safetensors folder to ``dest`` (converted once into the cache, then copied)."""
     cached = (cache_dir or cache_root()) / "models" / CACHE_NAME
+    to_cache = Path(dest).resolve() == cached.resolve()
+    if not to_cache:  # a destination that may not be written fails before the conversion
+        check_output(dest, overwrite=overwrite, owner=COPY_OWNER)
     if not (cached / "model.safetensors").is_file():
         log(f"converting {GGUF_NAME} to bf16 safetensors (once, ~30 s) into {cached}")
-        with atomic_dir(cached, overwrite=True) as tmp:
+        # a half-made conversion in our own cache is ours to replace
+        with atomic_dir(cached, overwrite=True, owner=Owner("cached conversion", lambda _d: [])) as tmp:
             _convert(tmp)
     _name_hub_id(cached / "config.json")  # caches converted before the id was recorded get it too
-    if Path(dest).resolve() == cached.resolve():
+    if to_cache:
         return cached
-    with atomic_dir(dest, overwrite=overwrite) as tmp:
+    with atomic_dir(dest, overwrite=overwrite, owner=COPY_OWNER) as tmp:
         for f in cached.iterdir():
             shutil.copy2(f, tmp / f.name)
     return Path(dest)
+
+
+# What save_pretrained (model and tokenizer) and _convert write: a copy holds these and nothing else.
+_COPY_FILES = ("config.json", "generation_config.json", "model*.safetensors*", "tokenizer*", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*", "LICENSE")
+
+
+def _not_a_copy(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in _COPY_FILES))
+
+
+COPY_OWNER = Owner("copy of the example model", _not_a_copy)
 
 
 def _name_hub_id(config: Path) -> None:

@@ -123,6 +123,25 @@ def _weight_files(folder: Path) -> list[Path]:
     raise MissingWeightsError(f"{folder} has no *.safetensors weights", path=str(folder))
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json of a model folder as a dict, or a ModelLoadError that says what is wrong with it."""
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?", path=str(folder),
+                             hint="pass a folder written by save_pretrained (config.json beside the weights)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON ({exc})", path=str(cfg_path),
+                             hint="fix config.json, or re-save the model with save_pretrained") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {cfg_path}: {exc.strerror}", path=str(cfg_path)) from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object of settings",
+                             path=str(cfg_path), hint="fix config.json, or re-save the model with save_pretrained")
+    return config
+
+
 def inspect_folder(folder: Path, *, ref: str | None = None, revision: str | None = None,
                    trust_remote_code: bool = False) -> ModelSource:
     """Check a local Hugging Face model folder and read its config and tensor headers."""
@@ -134,13 +153,7 @@ def inspect_folder(folder: Path, *, ref: str | None = None, revision: str | None
             hint="pass a local Hugging Face folder or a Hub id (owner/name); "
                  "`serve-pruned example-model DIR` makes one",
         )
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?", path=str(folder))
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{cfg_path} is not valid JSON: {exc}", path=str(cfg_path)) from exc
+    config = read_config(folder)
     if config.get("auto_map") and not trust_remote_code:
         raise RemoteCodeRefusedError(ref or str(folder))
     tensors: dict[str, TensorInfo] = {}

@@ -35,9 +35,9 @@ from serve_pruned.compress.model_io import (
     quiet_transformers,
     resolve_model,
 )
-from serve_pruned.compress.shapes import Candidate, Shape, count_params, plan_shapes
-from serve_pruned.errors import CalibrationDataError, InvalidTargetError, MissingExtraError
-from serve_pruned.manifest import sha256_file, write_manifest
+from serve_pruned.compress.shapes import Candidate, Shape, config_int, count_params, plan_shapes
+from serve_pruned.errors import CalibrationDataError, InvalidTargetError, MissingExtraError, UsageError
+from serve_pruned.manifest import PACKAGE_OWNER, sha256_file, write_manifest
 from serve_pruned.options import PackageOptions
 
 if TYPE_CHECKING:
@@ -401,13 +401,15 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    out = Path(opts.out).resolve()
-    check_output(out, overwrite=opts.overwrite)
+    out = check_output(opts.out, overwrite=opts.overwrite, owner=PACKAGE_OWNER)
 
     src = resolve_model(opts.model, revision=opts.revision, trust_remote_code=opts.trust_remote_code)
+    if src.path.resolve() == out or out in src.path.resolve().parents:
+        raise UsageError(f"--out {out} would replace the source model {src.path}",
+                         hint="write the output to a new folder beside it")
     support = support_for(src.config)
     before = Shape.from_config(src.config)
-    hidden = int(src.config["hidden_size"])
+    hidden = config_int(src.config, "hidden_size")
     total = count_params(src.shapes(), before)
     prune = opts.prunes
     plan_kw: dict[str, Any] = dict(multiple_of=opts.ffn_multiple, prune_heads=support.prune_heads,
@@ -595,7 +597,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
 
     save_dtype = getattr(torch, str(src.config.get("dtype") or src.config.get("torch_dtype") or "float32"))
     qplan = plan_quantization(opts.quant, _widths(chosen.shape, hidden), group_size=opts.group_size)
-    with atomic_dir(out, overwrite=opts.overwrite) as tmp:
+    with atomic_dir(out, overwrite=opts.overwrite, owner=PACKAGE_OWNER) as tmp:
         pruned = pruned.to(save_dtype)
         final_cfg = {**new_cfg, "dtype": str(save_dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(final_cfg, indent=2) + "\n")

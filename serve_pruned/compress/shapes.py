@@ -42,6 +42,20 @@ _KEPT_WHOLE = {
 }
 
 
+def config_int(config: Mapping, key: str, *, default: int | None = None) -> int:
+    """A positive whole number from config.json, or a ModelLoadError that names the key and the fix."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    if value is None:
+        raise ModelLoadError(f"config.json has no {key}", path="config.json",
+                             hint="a causal LM's config.json needs it; re-save the model with save_pretrained")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(f"config.json: {key} must be a positive whole number, got {value!r}",
+                             path="config.json", hint=f"fix {key} in config.json, or re-save the model")
+    return value
+
+
 @dataclass(frozen=True)
 class Shape:
     """The per-layer sizes that structured pruning changes (uniform across layers)."""
@@ -58,20 +72,20 @@ class Shape:
 
     @classmethod
     def from_config(cls, config: Mapping) -> Shape:
-        heads = int(config["num_attention_heads"])
-        kv = int(config.get("num_key_value_heads") or heads)
-        head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
+        heads = config_int(config, "num_attention_heads")
+        kv = config_int(config, "num_key_value_heads", default=heads)
+        head_dim = config_int(config, "head_dim", default=config_int(config, "hidden_size") // heads)
         if heads % kv:
             raise GQAGroupingError(
                 f"config.json has {heads} attention heads and {kv} KV heads, which do not form equal groups",
                 field="num_key_value_heads",
             )
         return cls(
-            num_layers=int(config["num_hidden_layers"]),
+            num_layers=config_int(config, "num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv,
-            head_dim=int(head_dim),
-            intermediate_size=int(config["intermediate_size"]),
+            head_dim=head_dim,
+            intermediate_size=config_int(config, "intermediate_size"),
         )
 
     def size(self, kind: str) -> int:
@@ -160,12 +174,14 @@ def _check_counts(
         raise GQAGroupingError(
             f"--keep-kv-heads {keep_kv_heads} is outside 1..{before.num_kv_heads} (the model's KV heads)",
             field="keep_kv_heads",
+            hint=f"pass --keep-kv-heads between 1 and {before.num_kv_heads}",
         )
     if keep_heads is not None:
         if not 1 <= keep_heads <= before.num_heads:
             raise GQAGroupingError(
                 f"--keep-heads {keep_heads} is outside 1..{before.num_heads} (the model's query heads)",
                 field="keep_heads",
+                hint=f"pass --keep-heads between 1 and {before.num_heads}",
             )
         kv = keep_kv_heads if keep_kv_heads is not None else before.num_kv_heads
         if keep_heads % kv or keep_heads // kv > before.heads_per_group:
@@ -196,7 +212,9 @@ def _check_counts(
     if keep_ffn is not None:
         if not 1 <= keep_ffn <= before.intermediate_size:
             raise InvalidTargetError(
-                f"--keep-ffn {keep_ffn} is outside 1..{before.intermediate_size}", field="keep_ffn"
+                f"--keep-ffn {keep_ffn} is outside 1..{before.intermediate_size}", field="keep_ffn",
+                hint=f"pass --keep-ffn between {multiple_of} and {before.intermediate_size}, a multiple of "
+                     f"{multiple_of}",
             )
         if keep_ffn % multiple_of and keep_ffn != before.intermediate_size:
             raise InvalidTargetError(
@@ -205,9 +223,13 @@ def _check_counts(
                 hint=f"use a multiple of {multiple_of}, or change --multiple-of "
                      "(quantization group sizes must divide it)",
             )
-    if not 0 <= drop_layers < before.num_layers:
+    droppable = max(0, before.num_layers - 2)  # the first and last layers are never dropped
+    if not 0 <= drop_layers <= droppable:
         raise InvalidTargetError(
-            f"--drop-layers {drop_layers} is outside 0..{before.num_layers - 1}", field="drop_layers"
+            f"--drop-layers {drop_layers} is outside 0..{droppable}: the model has {before.num_layers} layers and "
+            "its first and last are always kept",
+            field="drop_layers",
+            hint=f"pass --drop-layers between 0 and {droppable}",
         )
 
 
@@ -235,7 +257,7 @@ def plan_shapes(
         Candidates, the largest parameter count first.
 
     Raises:
-        InvalidTargetError: target outside (0, 1], already met, or below the smallest allowed shape.
+        InvalidTargetError: target outside (0, 1), already met, or below the smallest allowed shape.
         GQAGroupingError: head counts that do not split evenly over KV groups.
     """
     if multiple_of < 1:
@@ -268,7 +290,7 @@ def plan_shapes(
 
     if not (0.0 < target <= 1.0) or math.isnan(target):
         raise InvalidTargetError(
-            f"--target-params must be a fraction in (0, 1], got {target}",
+            f"--target-params must be a fraction in (0, 1), got {target}",
             field="target_params",
             hint="e.g. --target-params 0.75 keeps three quarters of the parameters",
         )

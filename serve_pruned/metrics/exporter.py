@@ -66,14 +66,19 @@ def load_targets(path: str | Path) -> list[Target]:
     """Targets from a YAML/JSON file: a list of {url, model_dir, name?, pid?, gpu?}."""
     import yaml
 
-    from serve_pruned.errors import UsageError
+    from serve_pruned.errors import UsageError, yaml_problem
 
+    hint = "write a YAML list of {url, model_dir, name?, pid?, gpu?} entries, one per vLLM instance"
     try:
-        rows = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"cannot read targets file {path}: {exc}") from exc
+        rows = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read targets file {path} ({exc.strerror})", hint=hint) from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"targets file {path} is not UTF-8 text", hint=hint) from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"targets file {path} is {yaml_problem(exc)}", hint=hint) from exc
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "url" in r and "model_dir" in r for r in rows):
-        raise UsageError(f"{path} must be a list of {{url, model_dir, name?, pid?, gpu?}} entries")
+        raise UsageError(f"{path} must be a list of {{url, model_dir, name?, pid?, gpu?}} entries", hint=hint)
     return [Target(**{k: r[k] for k in ("url", "model_dir", "name", "pid", "gpu") if k in r}) for r in rows]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
 
+from serve_pruned.errors import UsageError
 from serve_pruned.metrics.exporter import ExporterCollector, Target, load_targets, planner_for
 
 
@@ -21,7 +22,11 @@ def start_exporter(targets: Iterable[Target] | Callable[[], Iterable[Target]], *
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ExporterCollector(targets, timeout=timeout,
                                         predicted_bytes=planner_for(max_model_len, concurrency, device)))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise UsageError(f"the exporter cannot listen on {host}:{port} ({exc.strerror or exc})",
+                         hint="pick another --port (another process holds this one)") from exc
     return server, registry
 
 

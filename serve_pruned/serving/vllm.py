@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,7 +102,9 @@ class VLLMServer:
         port: the port on 127.0.0.1 (host configurable).
         args: extra vLLM flags.
         env: extra environment (e.g. VLLM_CPU_KVCACHE_SPACE).
-        log_path: where stdout/stderr go (a temp file when None).
+        log_path: where stdout/stderr go. When None, the log goes into a private temp folder that is also
+            vLLM's TMPDIR (its IPC sockets and scratch files land there); a clean stop removes the folder, a
+            failure keeps it, since the error names the log.
     """
 
     model: str
@@ -114,6 +117,8 @@ class VLLMServer:
     dtype: str = "bfloat16"
     max_model_len: int = 2048
     proc: subprocess.Popen | None = None
+    _scratch: Path | None = field(default=None, init=False, repr=False)
+    _failed: bool = field(default=False, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -129,13 +134,13 @@ class VLLMServer:
         """Start and wait for /health; raise VLLMStartError with the reason from vLLM's log."""
         if not port_free(self.port, self.host):
             raise VLLMStartError(f"port {self.port} is already in use", hint="pick another --port")
+        env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1", **self.env}
         if self.log_path is None:
             import tempfile
 
-            fd, name = tempfile.mkstemp(prefix=f"vllm-{self.port}-", suffix=".log")
-            os.close(fd)
-            self.log_path = Path(name)
-        env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1", **self.env}
+            self._scratch = Path(tempfile.mkdtemp(prefix=f"vllm-{self.port}-"))
+            self.log_path = self._scratch / "vllm.log"
+            env["TMPDIR"] = str(self._scratch)
         cmd = self.command()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -151,6 +156,7 @@ class VLLMServer:
                 return self
             time.sleep(0.5)
         reason = failure_reason(self.log_text())
+        self._failed = True
         self.stop()
         raise VLLMStartError(f"vLLM did not answer /health within {timeout:.0f} s (last log line: {reason})",
                              log_path=str(self.log_path), hint=f"full log: {self.log_path}")
@@ -170,7 +176,10 @@ class VLLMServer:
 
     def stop(self, *, timeout: float = 20.0) -> None:
         """SIGTERM the whole process group (vLLM has an engine child), then SIGKILL if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:
+            self._failed = True  # it exited on its own: its log says why
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -180,6 +189,8 @@ class VLLMServer:
             self.proc.wait()
         except ProcessLookupError:
             pass
+        if self._scratch is not None and not self._failed:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def __enter__(self) -> VLLMServer:
         return self.start()

@@ -143,8 +143,13 @@ BAD_INPUTS = {
 }
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_one_line_error_and_old_output_intact(case, tiny_models, text_files, tmp_path):
+def test_bad_input_one_line_error_and_old_output_intact(case, packaged, tiny_models, text_files, tmp_path):
+    """Through the console script, over an earlier output of ours that --overwrite would replace."""
     mutate, args, message = BAD_INPUTS[case]
     model = tiny_models["llama"]
     calib = text_files["calib"]
@@ -154,15 +159,15 @@ def test_bad_input_one_line_error_and_old_output_intact(case, tiny_models, text_
     elif mutate is not None:
         model = _bad_model(tiny_models, tmp_path, mutate)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("an earlier output")
+    shutil.copytree(packaged[0], out)
+    before = _tree(out)
     proc = run("package", str(model), "--out", str(out), "--overwrite", "--calib", str(calib), "--num-samples", "4",
                "--seq-len", "32", "--multiple-of", "32", "--no-progress", *args)
     assert proc.returncode == 1
     errors = error_lines(proc)
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
-    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
@@ -178,14 +183,14 @@ def test_existing_output_without_overwrite(tiny_models, text_files, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_failure_while_writing_leaves_old_output(tiny_models, text_files, tmp_path, monkeypatch):
+def test_failure_while_writing_leaves_old_output(packaged, tiny_models, text_files, tmp_path, monkeypatch):
     """A failure inside the write (disk full while writing the manifest) keeps the earlier output whole."""
     from serve_pruned.compress import package as pkg
     from serve_pruned.options import PackageOptions
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    shutil.copytree(packaged[0], out)
+    before = _tree(out)
 
     def disk_full(*_a, **_k):
         raise OSError(28, "No space left on device")
@@ -195,5 +200,5 @@ def test_failure_while_writing_leaves_old_output(tiny_models, text_files, tmp_pa
                           calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False)
     with pytest.raises(OSError, match="No space left"):
         pkg.package(opts, progress=False)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert _tree(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

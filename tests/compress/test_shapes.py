@@ -95,7 +95,7 @@ def test_heads_only_search_when_architecture_cannot_prune_heads():
 
 @pytest.mark.parametrize("target", [0.0, -0.5, 1.5, float("nan")])
 def test_target_outside_unit_interval_is_rejected(target):
-    with pytest.raises(InvalidTargetError, match="in \\(0, 1\\]") as e:
+    with pytest.raises(InvalidTargetError, match="in \\(0, 1\\)") as e:
         plan_shapes(llama_tensors(SMOL), SMOL, target=target)
     assert e.value.field == "target_params"
 

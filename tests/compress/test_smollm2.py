@@ -135,6 +135,10 @@ def test_w8a8_package_serves_as_two_colocated_instances(smol_w8a8, tmp_path):
         assert proc.wait(timeout=60) == 0
         with pytest.raises(OSError):
             _complete(urls[1], "x")
+        crashed, stopped = (Path(i["log"]) for i in listening["instances"])
+        assert crashed.is_file() and str(crashed) in (tmp_path / "serve.err").read_text()  # named: kept
+        assert not stopped.exists()  # stopped cleanly: its temp log is gone
+        crashed.unlink()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

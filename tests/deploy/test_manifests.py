@@ -304,3 +304,57 @@ def test_committed_k8s_tree_is_the_generated_one(tmp_path):
     helm = ROOT / "deploy" / "helm" / "serve-pruned"
     for name in ("values.yaml", "values.schema.json"):
         assert (chart / name).read_text() == (helm / name).read_text(), f"{name} is stale; run: make k8s"
+
+
+# Footprints from a 135M to an 8B model (weights, KV bytes per token, hidden, FFN, vocab), bf16 or quantized.
+FOOTPRINTS = {
+    "smollm2-p75-w8a8": (126_646_608, 23_040, 576, 832, 49_152),
+    "smollm2": (269_030_016, 23_040, 576, 1536, 49_152),
+    "tinyllama-1.1b": (2_200_119_296, 45_056, 2048, 5632, 32_000),
+    "llama-3.1-8b": (16_060_522_496, 131_072, 4096, 14336, 128_256),
+    "llama-3.1-8b-w4a16": (5_700_000_000, 131_072, 4096, 14336, 128_256),
+}
+
+
+@pytest.mark.parametrize("gpu_type", sorted(__import__("serve_pruned.serving.memory", fromlist=["GPUS"]).GPUS))
+def test_planned_count_flags_and_checks_agree_by_construction(gpu_type):
+    """For every GPU, model and context length the planner's default count renders manifests that pass their own
+    checks, every instance's share covers its bytes, the shares add up to at most the GPU, and one more
+    instance does not fit."""
+    from serve_pruned.errors import UsageError
+    from serve_pruned.serving.memory import ModelFootprint
+
+    mode = "mig" if "-MIG-" in gpu_type else "colocated"
+    rendered = 0
+    for name, (weights, kv, hidden, ffn, vocab) in FOOTPRINTS.items():
+        fp = ModelFootprint(name=name, weight_bytes=weights, kv_bytes_per_token=kv, hidden_size=hidden,
+                            intermediate_size=ffn, vocab_size=vocab)
+        for max_model_len in (512, 2048, 4096, 8192, 32768):
+            for concurrency in (1, 16, 64):
+                try:
+                    p = plan(fp, device=gpu_type, max_model_len=max_model_len, concurrency=concurrency)
+                except UsageError:
+                    continue  # not even one fits
+                n, total = p.instances, gpu(gpu_type).memory_bytes
+                util = float(p.instance.flags["--gpu-memory-utilization"])
+                assert n * util <= 1.0 + 1e-12 and util * total >= p.instance.total
+                with pytest.raises(UsageError, match="at most"):
+                    plan(fp, device=gpu_type, max_model_len=max_model_len, concurrency=concurrency, instances=n + 1)
+                spec = from_plan(fp, repo="my-org/m", revision="v1", mode=mode, gpu_type=gpu_type,
+                                 instances_per_gpu=None, max_model_len=max_model_len, concurrency=concurrency)
+                assert spec.instances_per_gpu == n
+                assert check(build(spec)) == [], (name, max_model_len, concurrency)
+                rendered += 1
+    assert rendered > 0
+
+
+def test_render_with_no_instance_count_fills_an_h100_and_passes_its_checks(tmp_path):
+    """The example a user hit: 31 SmolLM2 instances fit an H100 by bytes; the render must not then fail its own
+    check by rounding each share up to 0.04."""
+    r = CliRunner().invoke(cli, ["deploy", "render", *MODEL, "--gpu", "h100-80gb", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "instance(s) per H100-80GB" in r.stderr
+    n = int(r.stderr.split("(")[1].split(" instance")[0])
+    assert n == plan(__import__("serve_pruned.serving.memory", fromlist=["ModelFootprint"]).ModelFootprint
+                     .from_folder(EXAMPLE_MODEL_DIR), device="H100-80GB", max_model_len=2048,
+                     concurrency=16).max_instances

@@ -40,7 +40,8 @@ def test_alert_rules_check_and_unit_tests():
 
 
 def test_committed_dashboard_is_the_generated_one():
-    assert json.loads(DASHBOARD.read_text()) == dashboard(), "run: serve-pruned metrics dashboard -o " + str(DASHBOARD)
+    assert json.loads(DASHBOARD.read_text()) == dashboard(), \
+        f"run: serve-pruned metrics dashboard -o {DASHBOARD} --overwrite"
 
 
 def test_every_panel_query_is_valid_promql(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -153,13 +154,13 @@ def test_tampered_file_is_refused_and_nothing_kept(hub, variants, tmp_path):
     flipped = weights[:-1] + bytes([weights[-1] ^ 0xFF])  # same size: the client alone does not notice
     hub.tamper(REPO, "main", "model.safetensors", flipped)
     dest = tmp_path / "dest"
-    dest.mkdir()
-    (dest / "older.txt").write_text("an earlier pull")
+    shutil.copytree(variants["b"], dest)  # an earlier pull, which --overwrite may replace
+    before = sha_tree(dest)
     pull = cli(hub, home, "pull", REPO, str(dest), "--overwrite")
     assert pull.returncode == 1
     (line,) = errors(pull)
     assert "model.safetensors" in line and "nothing was kept" in line
-    assert [p.name for p in dest.iterdir()] == ["older.txt"]
+    assert sha_tree(dest) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -245,3 +246,40 @@ def test_serve_resolves_repo_at_revision_by_a_verified_pull(hub_env, variants, t
     assert resolve_model_dir(f"{REPO}@v1", token=GOOD_TOKEN) == path
     assert len(hub_env.request_log) == n  # served from the verified copy, no new download
     assert pushed.tag == "v1"
+
+
+@pytest.mark.parametrize("stage", ["download", "verify"])
+def test_sigterm_during_pull_keeps_the_earlier_copy(stage, hub_env, variants, tmp_path, monkeypatch):
+    """SIGTERM (what Kubernetes sends) while `pull --overwrite` downloads or verifies: exit 143, one line, the
+    earlier verified copy byte-identical, no hidden folder beside it."""
+    import signal
+
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from serve_pruned.cli.main import cli as root
+    from serve_pruned.hub import transfer
+
+    transfer.push(variants["a"], REPO, tag="v1", token=GOOD_TOKEN)
+    transfer.push(variants["b"], REPO, revision="b", tag="v2", token=GOOD_TOKEN)
+    dest = tmp_path / "dest"
+    transfer.pull(f"{REPO}@v1", dest, token=GOOD_TOKEN)
+    before = sha_tree(dest)
+    module, name = (huggingface_hub, "snapshot_download") if stage == "download" else (transfer, "verify_files")
+    real = getattr(module, name)
+
+    def terminated_during(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+        return result
+
+    monkeypatch.setattr(module, name, terminated_during)
+    t = time.monotonic()
+    r = CliRunner().invoke(root, ["pull", f"{REPO}@v2", str(dest), "--overwrite", "--token", GOOD_TOKEN])
+    assert time.monotonic() - t < 20
+    assert r.exit_code == 128 + signal.SIGTERM, r.output
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
+        "interrupted (SIGTERM); earlier output is untouched and nothing half-written is left"]
+    assert sha_tree(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf_home") == ["dest"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,9 @@ from serve_pruned.serving.vllm import failure_reason, free_port
 EXE = str(Path(sys.executable).parent / "serve-pruned")
 
 
-def serve(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([EXE, "serve", *args], capture_output=True, text=True, timeout=timeout)
+def serve(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, "serve", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def errors(proc: subprocess.CompletedProcess) -> list[str]:
@@ -73,3 +76,16 @@ def test_vllm_start_failure_reports_the_reason_from_its_log(tiny_models, tmp_pat
     assert "full log:" in line
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing left listening
+
+
+@pytest.mark.vllm
+def test_a_clean_stop_leaves_no_vllm_log_behind(tiny_models):
+    """vLLM's output goes to a temp file while it runs (a failure names it); a clean stop removes it."""
+    tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: vLLM puts unix sockets in it (107 bytes at most)
+    proc = serve(str(tiny_models["llama"]), "--port", str(free_port()), "--max-model-len", "256", "--prompt", "The",
+                 "--format", "json", env={"TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    (instance,) = json.loads(proc.stdout)["instances"]
+    assert Path(instance["log"]).parent.parent == tmp and not Path(instance["log"]).exists()
+    assert list(tmp.iterdir()) == []  # vLLM's own sockets and scratch files went with its folder
+    tmp.rmdir()
