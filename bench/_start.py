@@ -11,11 +11,14 @@ from typing import Any
 
 from _report import DOCS, OOD
 
+from serve_pruned.compress.caches import generated_texts
 from serve_pruned.compress.data import TextSource, eval_tokens, read_sources
 from serve_pruned.compress.evaluate import evaluate
 from serve_pruned.compress.example_model import materialize
-from serve_pruned.compress.model_io import load_model, load_tokenizer, resolve_model
-from serve_pruned.compress.package import _generated, package, source_fingerprint
+from serve_pruned.compress.model_io import load_model, load_tokenizer
+from serve_pruned.compress.package import package
+from serve_pruned.compress.provenance import source_fingerprint
+from serve_pruned.model.source import resolve_model
 from serve_pruned.options import PackageOptions
 
 CALIB = (str(DOCS / "howto"), str(DOCS / "faq"), "generated:32")
@@ -50,7 +53,8 @@ def refit_start(*, eval_tokens_max: int, refit_target: str = "block") -> Start:
         fingerprint = source_fingerprint(resolve_model(str(src)))
         for s in sources:  # the same generated texts the packaging used (cached by the model's fingerprint)
             if s.generate:
-                s.docs = _generated(teacher, tok, s.generate, fingerprint=fingerprint, seq_len=opts.distill_seq_len,
-                                    seed=opts.seed, progress=False, log=lambda _m: None)
+                s.docs = generated_texts(teacher, tok, s.generate, fingerprint=fingerprint,
+                                         seq_len=opts.distill_seq_len, seed=opts.seed, progress=False,
+                                         log=lambda _m: None)
     texts = [eval_tokens(tok, read_sources([str(p)]), max_tokens=eval_tokens_max) for p in (DOCS / "tutorial", OOD)]
     return Start(opts, tok, teacher, student, sources, texts)

@@ -23,7 +23,7 @@ from _start import refit_start  # noqa: E402
 
 from serve_pruned.compress.data import calibration_samples  # noqa: E402
 from serve_pruned.compress.distill import distill  # noqa: E402
-from serve_pruned.compress.package import distill_settings  # noqa: E402
+from serve_pruned.compress.steps import distill_settings  # noqa: E402
 
 GOALS = {"held out": 1.25, "out of domain": 1.5}  # issue #7's quality goals, as ratios to the original
 

@@ -21,7 +21,7 @@ from _start import refit_start  # noqa: E402
 
 from serve_pruned.compress.data import calibration_samples  # noqa: E402
 from serve_pruned.compress.distill import distill  # noqa: E402
-from serve_pruned.compress.package import distill_settings  # noqa: E402
+from serve_pruned.compress.steps import distill_settings  # noqa: E402
 from serve_pruned.options import PackageOptions  # noqa: E402
 
 # (peak lr, train the embedding); DEFAULT is what `serve-pruned package` uses

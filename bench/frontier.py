@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOC, DOCS, OOD, publish  # noqa: E402
 
 from serve_pruned.compress.example_model import materialize  # noqa: E402
-from serve_pruned.compress.package import package, step_targets  # noqa: E402
+from serve_pruned.compress.package import package  # noqa: E402
+from serve_pruned.compress.steps import step_targets  # noqa: E402
 from serve_pruned.options import PackageOptions  # noqa: E402
 
 PLOT = DOC.parent / "frontier.png"

@@ -28,7 +28,7 @@ from serve_pruned.compress.importance import collect_stats, compute_scores, sele
 from serve_pruned.compress.model_io import load_model, load_tokenizer  # noqa: E402
 from serve_pruned.compress.prune import prune_model  # noqa: E402
 from serve_pruned.compress.refit import refit, refit_down_proj  # noqa: E402
-from serve_pruned.compress.shapes import Shape  # noqa: E402
+from serve_pruned.model.shapes import Shape  # noqa: E402
 
 
 def main() -> None:

@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serve_pruned.errors import OptionError, yaml_problem
 
+# Marks an option that does not change what pruning and recovery produce (output, evaluation, quantization,
+# the card): left out of the recovery checkpoints' key. Unmarked options are in it, so a new one is never
+# forgotten (at worst a rerun recomputes what it could have reused).
+_NEUTRAL: dict[str, Any] = {"affects_recovery": False}
+
 
 class PackageOptions(BaseModel):
     """Everything `serve-pruned package` needs; unknown keys are rejected."""
@@ -22,12 +27,14 @@ class PackageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="local Hugging Face folder or Hub id")
-    out: Path
+    out: Path = Field(json_schema_extra=_NEUTRAL)
     revision: str | None = None
     trust_remote_code: bool = False
-    overwrite: bool = False
-    base_model: str | None = Field(None, description="Hub id for the model card (default: the source's)")
-    license: str | None = Field(None, description="licence id for the model card (default: the source's)")
+    overwrite: bool = Field(False, json_schema_extra=_NEUTRAL)
+    base_model: str | None = Field(None, description="Hub id for the model card (default: the source's)",
+                                   json_schema_extra=_NEUTRAL)
+    license: str | None = Field(None, description="licence id for the model card (default: the source's)",
+                                json_schema_extra=_NEUTRAL)
 
     calib: tuple[str, ...] = ()
     text_field: str = "text"
@@ -63,18 +70,20 @@ class PackageOptions(BaseModel):
     distill_hidden_weight: float = Field(0.0, ge=0.0)
     distill_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     distill_train_embeddings: bool = False
-    distill_time_budget_s: float | None = Field(None, gt=0.0, description="stop distilling after this long")
-    checkpoint_dir: Path | None = None
+    distill_time_budget_s: float | None = Field(None, gt=0.0, description="stop distilling after this long",
+                                                json_schema_extra=_NEUTRAL)
+    checkpoint_dir: Path | None = Field(None, json_schema_extra=_NEUTRAL)
 
-    quant: Literal["none", "w8a8", "w4a16", "fp8"] = "none"
-    group_size: int | None = Field(None, ge=1)
+    # quantization and evaluation come after recovery: a rerun that changes only them reuses its checkpoints
+    quant: Literal["none", "w8a8", "w4a16", "fp8"] = Field("none", json_schema_extra=_NEUTRAL)
+    group_size: int | None = Field(None, ge=1, json_schema_extra=_NEUTRAL)
 
-    eval_text: tuple[str, ...] = ()
-    eval_max_tokens: int = Field(16384, ge=2)
-    eval_seq_len: int = Field(512, ge=2)
-    eval_ood_text: tuple[str, ...] = ()
-    eval_baseline: bool = True
-    eval_prompts: tuple[str, ...] | None = None
+    eval_text: tuple[str, ...] = Field((), json_schema_extra=_NEUTRAL)
+    eval_max_tokens: int = Field(16384, ge=2, json_schema_extra=_NEUTRAL)
+    eval_seq_len: int = Field(512, ge=2, json_schema_extra=_NEUTRAL)
+    eval_ood_text: tuple[str, ...] = Field((), json_schema_extra=_NEUTRAL)
+    eval_baseline: bool = Field(True, json_schema_extra=_NEUTRAL)
+    eval_prompts: tuple[str, ...] | None = Field(None, json_schema_extra=_NEUTRAL)
 
     @property
     def prunes(self) -> bool:
@@ -134,6 +143,12 @@ class PackageOptions(BaseModel):
         d = self.model_dump(mode="json")
         d.pop("overwrite", None)
         return d
+
+    def recovery_options(self) -> dict:
+        """The options that change what pruning and recovery produce: all but those marked ``_NEUTRAL``."""
+        neutral = {name for name, f in type(self).model_fields.items()
+                   if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("affects_recovery") is False}
+        return {k: v for k, v in self.public().items() if k not in neutral}
 
 
 # What to do about a rule across fields (the model validator's errors), by the field it names.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from serve_pruned.compress.arch import SUPPORTED
+from serve_pruned.model.arch import SUPPORTED
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

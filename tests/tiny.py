@@ -96,7 +96,7 @@ def prune_tiny(model_dir: Path, tokenizer_dir: Path, calib: Path, *, heads: int 
     from serve_pruned.compress.importance import collect_stats, compute_scores, select
     from serve_pruned.compress.model_io import load_model
     from serve_pruned.compress.prune import prune_model
-    from serve_pruned.compress.shapes import Shape
+    from serve_pruned.model.shapes import Shape
 
     cfg = json.loads((model_dir / "config.json").read_text())
     model = load_model(model_dir, dtype="float32", trust_remote_code=False)

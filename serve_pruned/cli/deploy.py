@@ -50,10 +50,13 @@ def footprint_for(model: str, model_dir: Path | None) -> Any:
 
 
 def _dtype(folder: Path | None) -> str:
+    """vLLM's --dtype from the packaged folder, as `serve` picks it; without a folder, vLLM's own choice."""
     if folder is None or not (folder / "config.json").is_file():
         return "auto"
-    cfg = json.loads((folder / "config.json").read_text())
-    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "auto")
+    from serve_pruned.model.config import read_config
+    from serve_pruned.serving.vllm import serve_dtype
+
+    return serve_dtype(read_config(folder))
 
 
 def render_options(fn: Any) -> Any:

@@ -215,19 +215,7 @@ def distill(
     if settings.steps < 1:
         raise ValueError("distillation needs at least one step")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    student.to(device)
-    teacher.to(device)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student.train()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    if not settings.train_embeddings:
-        for module in (student.get_input_embeddings(), student.get_output_embeddings()):
-            if module is not None:
-                module.weight.requires_grad_(False)
-    named = _params(student)
+    named = _to_training(student, teacher, settings, device)
     opt = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=(0.9, 0.95),
                             weight_decay=settings.weight_decay)
     start, losses_before = 0, []
@@ -241,19 +229,9 @@ def distill(
     t0 = time.perf_counter()
     if progress is not None:
         progress.update(start)
-    step = start
     for step in range(start, settings.steps):
         idx = batch_indices(len(samples), step=step, batch_size=settings.batch_size, seed=settings.seed)
-        x = samples[idx].to(device)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-            with torch.no_grad():
-                t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)
-            s_out = student(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)
-        loss = kd_loss(s_out.logits, t_out.logits, settings.temperature)
-        if settings.hidden_weight > 0:
-            cos = torch.nn.functional.cosine_similarity(
-                s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float(), dim=-1)
-            loss = loss + settings.hidden_weight * (1.0 - cos).mean()
+        loss = _loss(student, teacher, samples[idx].to(device), settings, device=device, autocast=autocast)
         for group in opt.param_groups:
             group["lr"] = settings.lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -261,7 +239,7 @@ def distill(
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         losses.append(round(loss.item(), 5))
-        del t_out, s_out, loss
+        del loss
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}", refresh=False)
@@ -274,11 +252,7 @@ def distill(
                              {"step": done, "losses": losses, "settings": asdict(settings)})
         if out_of_time:
             break
-    student.eval()
-    student.to("cpu")
-    teacher.to("cpu")
-    for p in student.parameters():
-        p.requires_grad_(False)
+    _to_inference(student, teacher)
     steps_done = len(losses)
     head, tail = losses[:10], losses[-10:]
     return {
@@ -292,3 +266,43 @@ def distill(
         "bfloat16_autocast": autocast,
         "settings": asdict(settings),
     }
+
+
+def _to_training(student: Any, teacher: Any, settings: DistillSettings, device: str) -> list[tuple[str, Any]]:
+    """Both models on ``device``, the teacher frozen, the student trainable (embeddings only if asked)."""
+    student.to(device)
+    teacher.to(device)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if not settings.train_embeddings:
+        for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
+    return _params(student)
+
+
+def _to_inference(student: Any, teacher: Any) -> None:
+    student.eval()
+    student.to("cpu")
+    teacher.to("cpu")
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+
+def _loss(student: Any, teacher: Any, x: torch.Tensor, settings: DistillSettings, *, device: str,
+          autocast: bool) -> torch.Tensor:
+    """KL of the student's next-token distribution from the teacher's, plus the optional hidden-state term."""
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)
+        s_out = student(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)
+    loss = kd_loss(s_out.logits, t_out.logits, settings.temperature)
+    if settings.hidden_weight > 0:
+        cos = torch.nn.functional.cosine_similarity(
+            s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float(), dim=-1)
+        loss = loss + settings.hidden_weight * (1.0 - cos).mean()
+    return loss

@@ -133,7 +133,8 @@ def evaluate_folder(
     from tqdm.auto import tqdm
 
     from serve_pruned.compress.data import eval_tokens, fingerprint_sources, read_sources
-    from serve_pruned.compress.model_io import load_model, load_tokenizer, quiet_transformers, resolve_model
+    from serve_pruned.compress.model_io import load_model, load_tokenizer, quiet_transformers
+    from serve_pruned.model.source import resolve_model
 
     quiet_transformers(progress)
 
@@ -147,11 +148,10 @@ def evaluate_folder(
     if backend == "vllm":
         if base:
             raise UsageError("--base needs --backend transformers (agreement is computed on logits)")
-        from serve_pruned.serving.vllm import VLLMServer, find_serve_python, free_port
+        from serve_pruned.serving.vllm import VLLMServer, find_serve_python, free_port, serve_dtype
 
         python = find_serve_python(serve_python)
-        served_dtype = str(src.config.get("dtype") or src.config.get("torch_dtype") or "bfloat16")
-        with VLLMServer(str(src.path), free_port(), dtype=served_dtype, max_model_len=seq_len + 16,
+        with VLLMServer(str(src.path), free_port(), dtype=serve_dtype(src.config), max_model_len=seq_len + 16,
                         serve_python=python) as server:
             ppl, count = server.perplexity(windows(ids, seq_len))
             samples = {p: server.complete(p, max_tokens=24)["choices"][0]["text"] for p in prompts or []}

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from serve_pruned.compress.shapes import Shape
+from serve_pruned.compress.layers import decoder_layers, hooks, layer_inputs, layer_output
+from serve_pruned.model.shapes import Shape
 
 SCORERS = ("activation", "fluctuation", "magnitude", "obs")
 
@@ -102,10 +103,6 @@ def obs_order(gram: torch.Tensor, weight: torch.Tensor, *, chunk: int = 16, damp
     return rank
 
 
-def decoder_layers(model: Any) -> Any:
-    return model.model.layers
-
-
 @torch.no_grad()
 def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, progress: Any = None,
                   ffn_order: bool = False) -> LayerStats:
@@ -116,8 +113,6 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
     input Gram matrix (F x F float32, one at a time) is accumulated too and its FFN channels ranked by
     :func:`obs_order` (``stats.ffn_order``; the ``obs`` scorer). ``progress`` advances once per layer.
     """
-    from serve_pruned.compress.refit import _layer_inputs, _output
-
     layers = decoder_layers(model)
     n_layers = len(layers)
     attn0, mlp0 = layers[0].self_attn, layers[0].mlp
@@ -160,26 +155,22 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
     def layer_hook(i: int):
         def hook(_mod, args, kwargs, output):
             h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = _output(output)
+            h_out = layer_output(output)
             cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
             stats.cos_sum[i] += cos.sum().double()
         return hook
 
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    hidden, kwargs = _layer_inputs(model, batches)
+    hidden, kwargs = layer_inputs(model, batches)
     for i, layer in enumerate(layers):
         w = layer.self_attn.o_proj.weight.float().view(-1, n_heads, head_dim)  # [hidden, H, hd]
         head_grams = torch.einsum("ehd,ehf->hdf", w, w)  # per-head W_h^T W_h
         if ffn_order:
             gram[:] = [torch.zeros(ffn, ffn)]
-        handles = [layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i, head_grams)),
+        with hooks(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i, head_grams)),
                    layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)),
-                   layer.register_forward_hook(layer_hook(i), with_kwargs=True)]
-        try:
-            hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-        finally:
-            for h in handles:
-                h.remove()
+                   layer.register_forward_hook(layer_hook(i), with_kwargs=True)):
+            hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
         if stats.ffn_order is not None:
             stats.ffn_order[i] = obs_order(gram.pop(), layer.mlp.down_proj.weight.float())
         if progress is not None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from serve_pruned.compress.importance import Selection
-from serve_pruned.compress.shapes import _RESIZE, Shape, split_layer_name
+from serve_pruned.model.shapes import _RESIZE, Shape, split_layer_name
 
 
 def _channel_index(units: list[int], width: int) -> torch.Tensor:

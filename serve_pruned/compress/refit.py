@@ -20,35 +20,7 @@ from typing import Any
 
 import torch
 
-from serve_pruned.compress.importance import decoder_layers
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _layer_inputs(model: Any, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Hidden states entering layer 0 for every batch, and the keyword arguments (mask, rotary
-    embeddings) the layers are called with for that batch."""
-    captured: list[torch.Tensor] = []
-    kwargs_seen: list[dict[str, Any]] = []
-
-    def grab(_mod: Any, args: tuple, kwargs: dict) -> None:
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
-        kwargs_seen.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Stop
-
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for x in batches:
-            try:
-                model(input_ids=x, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured, kwargs_seen
+from serve_pruned.compress.layers import StopForward, decoder_layers, hooks, layer_inputs, layer_output
 
 
 @torch.no_grad()
@@ -77,7 +49,7 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
 
     def grab_linear(_m: Any, args: tuple) -> None:
         seen["a"] = args[0]
-        raise _Stop
+        raise StopForward
 
     def grab_residual(_m: Any, args: tuple) -> None:
         seen["residual"] = args[0]
@@ -89,15 +61,15 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
     weight = linear.weight.float()
     bias = linear.bias.float() if linear.bias is not None else None
     err_num = err_den = 0.0
-    try:
+    with hooks(*handles):
         for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
             try:
                 layer(h, **kw)
-            except _Stop:
+            except StopForward:
                 pass
             a = seen["a"].reshape(-1, width).float()
             if stream is None:
-                y = _output(original_block(*seen["args"], **seen["kwargs"])).reshape(-1, out_width).float()
+                y = layer_output(original_block(*seen["args"], **seen["kwargs"])).reshape(-1, out_width).float()
             else:
                 residual = seen["residual"] if residual_at is not None else h
                 y = (stream[b].float() - residual.float()).reshape(-1, out_width)
@@ -107,9 +79,6 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
             cross += (a.T @ y).double()
             err_num += (a @ weight.T - y).double().pow(2).sum().item()
             err_den += y.double().pow(2).sum().item()
-    finally:
-        for hd in handles:
-            hd.remove()
     before = err_num / max(err_den, 1e-12)
     if measure_only:
         return before, before
@@ -146,11 +115,11 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
     if target not in ("block", "stream"):
         raise ValueError(f"refit target must be 'block' or 'stream', not {target!r}")
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    hidden, kwargs = _layer_inputs(pruned, batches)
+    hidden, kwargs = layer_inputs(pruned, batches)
     p_layers, o_layers = decoder_layers(pruned), decoder_layers(original)
     t_hidden = t_kwargs = None
     if target == "stream":
-        t_hidden, t_kwargs = _layer_inputs(original, batches)
+        t_hidden, t_kwargs = layer_inputs(original, batches)
     next_original = 0
     errors: dict[str, list[float]] = {}
     for li, layer in enumerate(p_layers):
@@ -158,7 +127,7 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
         streams: dict[str, list[torch.Tensor] | None] = {"attn": None, "mlp": None}
         if t_hidden is not None and t_kwargs is not None:
             for oi in range(next_original, kept_layers[li]):  # layers dropped before this one
-                t_hidden = [_output(o_layers[oi](t, **kw)) for t, kw in zip(t_hidden, t_kwargs, strict=True)]
+                t_hidden = [layer_output(o_layers[oi](t, **kw)) for t, kw in zip(t_hidden, t_kwargs, strict=True)]
             streams["attn"], t_hidden = _original_streams(orig, t_hidden, t_kwargs)
             streams["mlp"] = t_hidden
             next_original = kept_layers[li] + 1
@@ -172,7 +141,7 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
                         damp=damp, measure_only=measure_only, stream=streams[name], residual_at=residual_at)
             errors.setdefault(f"{name}_rel_error_before", []).append(b)
             errors.setdefault(f"{name}_rel_error_after", []).append(a)
-        hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+        hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
         if progress is not None:
             progress.update(1)
     return {k: sum(v) / len(v) for k, v in errors.items()}
@@ -183,11 +152,8 @@ def _original_streams(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The original ``layer``'s residual stream after its attention and after its MLP, per batch."""
     mid: list[torch.Tensor] = []
-    handle = layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: mid.append(args[0]))
-    try:
-        out = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-    finally:
-        handle.remove()
+    with hooks(layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: mid.append(args[0]))):
+        out = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
     return mid, out
 
 
@@ -197,7 +163,3 @@ def refit_down_proj(pruned: Any, original: Any, kept_layers: list[int], samples:
     """:func:`refit` of the MLPs only (FFN-only pruning)."""
     return refit(pruned, original, kept_layers, samples, attention=False, mlp=True, batch_size=batch_size,
                  damp=damp, progress=progress, measure_only=measure_only)
-
-
-def _output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out

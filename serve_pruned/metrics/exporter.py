@@ -200,14 +200,22 @@ class ExporterCollector(Collector):
     def targets(self) -> list[Target]:
         return list(self._targets() if callable(self._targets) else self._targets)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:  # noqa: C901 - one pass, many families
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One concurrent scrape of every target, then the per-instance, per-GPU and per-node families."""
         targets = self.targets()
         results = list(self._pool.map(lambda t: scrape(t, timeout=self.timeout), targets))
+        per_gpu: dict[str, list[tuple[Target, ScrapeResult]]] = {}
+        for t, r in zip(targets, results, strict=True):
+            per_gpu.setdefault(t.gpu, []).append((t, r))
+        yield from self._instance_families(targets, results)
+        yield from self._gpu_families(per_gpu)
+        node = _family("node_instances", "vLLM instances up on this node", ["node"])
+        node.add_metric([self.node], float(sum(1 for r in results if r.up)))
+        yield node
+
+    def _instance_families(self, targets: list[Target], results: list[ScrapeResult]) -> list[GaugeMetricFamily]:
         gpu_proc = self.nvml.process_memory()
-
-        def g(name: str, doc: str, labels: list[str], unit: str = "") -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels, unit=unit)
-
+        g = _family
         up = g("instance_up", "1 when the vLLM instance answered /metrics", ["vllm_instance", "model"])
         dur = g("instance_scrape_duration_seconds", "Time to scrape the instance's /metrics", ["vllm_instance"])
         mem = g("instance_memory_bytes", "Memory of the instance by kind: weights and kv_cache (manifest, vLLM), "
@@ -221,10 +229,8 @@ class ExporterCollector(Collector):
         ratio = g("model_params_ratio", "Parameters kept by pruning (1 = not pruned)", ["model"])
         wratio = g("model_weight_bytes_ratio", "Weight bytes over the original's", ["model"])
         quant = g("model_info", "Served model: quantization scheme and kind", ["model", "quantization", "kind"])
-        per_gpu: dict[str, list[tuple[Target, ScrapeResult]]] = {}
         models_seen: set[str] = set()
         for t, r in zip(targets, results, strict=True):
-            per_gpu.setdefault(t.gpu, []).append((t, r))
             up.add_metric([t.name, t.model], 1.0 if r.up else 0.0)
             dur.add_metric([t.name], r.seconds)
             m = t.manifest
@@ -257,7 +263,10 @@ class ExporterCollector(Collector):
                     wratio.add_metric([t.model], m["weight_bytes"] / m["weight_bytes_before"])
                 q = (m.get("quantization") or {}).get("scheme", "none")
                 quant.add_metric([t.model, q, m.get("kind", "")], 1.0)
+        return [up, dur, mem, pred, meas, kvu, run, wait, ratio, wratio, quant]
 
+    def _gpu_families(self, per_gpu: dict[str, list[tuple[Target, ScrapeResult]]]) -> list[GaugeMetricFamily]:
+        g = _family
         res = g("gpu_instances", "vLLM instances resident on the GPU (co-location density)", ["gpu", "node"])
         used = g("gpu_memory_used_bytes", "Memory used on the GPU (NVML; host memory for cpu)", ["gpu", "node"])
         total = g("gpu_memory_total_bytes", "Memory of the GPU (NVML; host memory for cpu)", ["gpu", "node"])
@@ -280,10 +289,11 @@ class ExporterCollector(Collector):
                 per_instance = self.predicted_bytes(t)
                 if per_instance:
                     more.add_metric([gpu_id, self.node, t.model], float(max(0, (tot - u) // per_instance)))
-        node = g("node_instances", "vLLM instances up on this node", ["node"])
-        node.add_metric([self.node], float(sum(1 for r in results if r.up)))
-        yield from (up, dur, mem, pred, meas, kvu, run, wait, ratio, wratio, quant, res, used, total, head, more,
-                    node)
+        return [res, used, total, head, more]
+
+
+def _family(name: str, doc: str, labels: list[str], unit: str = "") -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels, unit=unit)
 
 
 def _is_descendant(pid: int, ancestor: int) -> bool:

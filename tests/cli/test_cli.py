@@ -104,11 +104,14 @@ def test_activation_and_obs_statistics_are_cached_apart(packaged, tiny_models, t
     args = ["package", str(tiny_models["llama"]), "--calib", str(text_files["calib"]), "--num-samples", "8",
             "--seq-len", "64", "--keep-ffn", "128", "--multiple-of", "32", "--no-recover", "--no-progress"]
     assert read_manifest(packaged[0])["pruning"]["scorer"] == "obs"
-    first = run(*args, "--out", str(tmp_path / "a"))
+    cache = {"SERVE_PRUNED_CACHE": str(tmp_path / "cache")}  # its own: no other test's statistics in it
+    obs = run(*args, "--scorer", "obs", "--out", str(tmp_path / "o"), env=cache)
+    assert obs.returncode == 0, obs.stderr
+    first = run(*args, "--out", str(tmp_path / "a"), env=cache)
     assert first.returncode == 0, first.stderr
     assert "importance statistics: reusing" not in first.stderr
     assert read_manifest(tmp_path / "a")["pruning"]["scorer"] == "activation"
-    second = run(*args, "--out", str(tmp_path / "b"))
+    second = run(*args, "--out", str(tmp_path / "b"), env=cache)
     assert second.returncode == 0, second.stderr
     assert "importance statistics: reusing" in second.stderr
 
@@ -186,6 +189,7 @@ def test_existing_output_without_overwrite(tiny_models, text_files, tmp_path):
 def test_failure_while_writing_leaves_old_output(packaged, tiny_models, text_files, tmp_path, monkeypatch):
     """A failure inside the write (disk full while writing the manifest) keeps the earlier output whole."""
     from serve_pruned.compress import package as pkg
+    from serve_pruned.compress import write
     from serve_pruned.options import PackageOptions
 
     out = tmp_path / "out"
@@ -195,7 +199,7 @@ def test_failure_while_writing_leaves_old_output(packaged, tiny_models, text_fil
     def disk_full(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pkg, "write_manifest", disk_full)
+    monkeypatch.setattr(write, "write_manifest", disk_full)
     opts = PackageOptions(model=str(tiny_models["llama"]), out=out, overwrite=True, keep_ffn=128, multiple_of=32,
                           calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False)
     with pytest.raises(OSError, match="No space left"):

@@ -52,7 +52,7 @@ def _args(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
 STAGES = {
     "loading": ("serve_pruned.compress.package", "load_model"),
     "distillation": ("serve_pruned.compress.distill", "distill"),
-    "writing": ("serve_pruned.compress.package", "write_manifest"),
+    "writing": ("serve_pruned.compress.write", "write_manifest"),
 }
 
 

@@ -19,7 +19,7 @@ from serve_pruned.compress.importance import (  # noqa: E402
 )
 from serve_pruned.compress.model_io import load_model  # noqa: E402
 from serve_pruned.compress.prune import prune_model  # noqa: E402
-from serve_pruned.compress.shapes import Shape, count_params  # noqa: E402
+from serve_pruned.model.shapes import Shape, count_params  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_pruned.compress.arch import SUPPORTED
+from serve_pruned.model.arch import SUPPORTED
 from serve_pruned.serving.vllm import VLLMServer, free_port
 
 torch = pytest.importorskip("torch")

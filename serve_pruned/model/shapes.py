@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from serve_pruned.errors import GQAGroupingError, InvalidTargetError, ModelLoadError
+from serve_pruned.model.config import config_int
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*\blayers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -40,20 +41,6 @@ _KEPT_WHOLE = {
     "self_attn.q_norm.weight",
     "self_attn.k_norm.weight",
 }
-
-
-def config_int(config: Mapping, key: str, *, default: int | None = None) -> int:
-    """A positive whole number from config.json, or a ModelLoadError that names the key and the fix."""
-    value = config.get(key)
-    if value is None and default is not None:
-        return default
-    if value is None:
-        raise ModelLoadError(f"config.json has no {key}", path="config.json",
-                             hint="a causal LM's config.json needs it; re-save the model with save_pretrained")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelLoadError(f"config.json: {key} must be a positive whole number, got {value!r}",
-                             path="config.json", hint=f"fix {key} in config.json, or re-save the model")
-    return value
 
 
 @dataclass(frozen=True)
@@ -274,40 +261,66 @@ def plan_shapes(
     )
     total = count_params(tensors, before)
     layers = before.num_layers - drop_layers
-
     if target is None:
-        kv = keep_kv_heads if keep_kv_heads is not None else before.num_kv_heads
-        heads = keep_heads if keep_heads is not None else kv * before.heads_per_group
-        shape = Shape(layers, heads, kv, before.head_dim, keep_ffn or before.intermediate_size)
-        if shape == before:
-            raise InvalidTargetError(
-                "nothing to prune: no --target-params and every count equals the model's",
-                field="target_params",
-                hint="pass --target-params 0.75, or counts such as --keep-ffn / --keep-heads / --drop-layers",
-            )
-        params = count_params(tensors, before, shape)
-        return [Candidate(shape, params, params / total)]
+        return [_exact(tensors, before, total, layers=layers, keep_heads=keep_heads, keep_kv_heads=keep_kv_heads,
+                       keep_ffn=keep_ffn)]
+    _check_target(target)
+    if keep_heads is not None and keep_kv_heads is None:
+        keep_kv_heads = before.num_kv_heads
+    candidates, smallest = _widest_under(tensors, before, total, math.floor(target * total), layers=layers,
+                                         keep_heads=keep_heads, keep_kv_heads=keep_kv_heads, keep_ffn=keep_ffn,
+                                         multiple_of=multiple_of, prune_heads=prune_heads, heads_divide=heads_divide)
+    if not candidates:
+        raise InvalidTargetError(
+            f"--target-params {target} is below the smallest allowed shape "
+            f"({smallest / total:.3f} of the parameters with these options)",
+            field="target_params",
+            hint="raise the target, allow more structures (heads, --drop-layers), or lower --multiple-of",
+        )
+    candidates.sort(key=lambda c: c.params, reverse=True)
+    return candidates
 
+
+def _exact(tensors: Mapping[str, tuple[int, ...]], before: Shape, total: int, *, layers: int,
+           keep_heads: int | None, keep_kv_heads: int | None, keep_ffn: int | None) -> Candidate:
+    """The one shape the counts name (the rest unchanged)."""
+    kv = keep_kv_heads if keep_kv_heads is not None else before.num_kv_heads
+    heads = keep_heads if keep_heads is not None else kv * before.heads_per_group
+    shape = Shape(layers, heads, kv, before.head_dim, keep_ffn or before.intermediate_size)
+    if shape == before:
+        raise InvalidTargetError(
+            "nothing to prune: no --target-params and every count equals the model's",
+            field="target_params",
+            hint="pass --target-params 0.75, or counts such as --keep-ffn / --keep-heads / --drop-layers",
+        )
+    params = count_params(tensors, before, shape)
+    return Candidate(shape, params, params / total)
+
+
+def _check_target(target: float) -> None:
     if not (0.0 < target <= 1.0) or math.isnan(target):
         raise InvalidTargetError(
             f"--target-params must be a fraction in (0, 1), got {target}",
             field="target_params",
             hint="e.g. --target-params 0.75 keeps three quarters of the parameters",
         )
-    budget = math.floor(target * total)
     if target >= 1.0:
         raise InvalidTargetError(
             "--target-params 1.0 is already met by the original model: nothing would be pruned",
             field="target_params",
             hint="ask for a smaller fraction, e.g. 0.75",
         )
-    if keep_heads is not None and keep_kv_heads is None:
-        keep_kv_heads = before.num_kv_heads
+
+
+def _widest_under(tensors: Mapping[str, tuple[int, ...]], before: Shape, total: int, budget: int, *, layers: int,
+                  keep_heads: int | None, keep_kv_heads: int | None, keep_ffn: int | None, multiple_of: int,
+                  prune_heads: bool, heads_divide: int | None) -> tuple[list[Candidate], int]:
+    """For every allowed (KV groups, query heads per group), the widest FFN within ``budget`` parameters;
+    also the smallest count seen (for the error when nothing fits)."""
     if prune_heads:
         kv_options = [keep_kv_heads] if keep_kv_heads else list(range(1, before.num_kv_heads + 1))
     else:
         kv_options = [before.num_kv_heads]
-
     candidates: list[Candidate] = []
     smallest = total
     for kv in kv_options:
@@ -332,12 +345,4 @@ def plan_shapes(
                 if params <= budget:
                     candidates.append(Candidate(shape, params, params / total))
                     break
-    if not candidates:
-        raise InvalidTargetError(
-            f"--target-params {target} is below the smallest allowed shape "
-            f"({smallest / total:.3f} of the parameters with these options)",
-            field="target_params",
-            hint="raise the target, allow more structures (heads, --drop-layers), or lower --multiple-of",
-        )
-    candidates.sort(key=lambda c: c.params, reverse=True)
-    return candidates
+    return candidates, smallest

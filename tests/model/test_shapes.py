@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from serve_pruned.compress.shapes import Shape, count_params, plan_shapes, resized
 from serve_pruned.errors import GQAGroupingError, InvalidTargetError, ModelLoadError
+from serve_pruned.model.shapes import Shape, count_params, plan_shapes, resized
 
 HIDDEN, VOCAB = 576, 49152
 SMOL = Shape(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)

@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 
-from serve_pruned.compress.arch import support_for
-from serve_pruned.compress.model_io import inspect_folder, read_safetensors_header, resolve_model
 from serve_pruned.errors import (
     CorruptWeightsError,
     MissingWeightsError,
@@ -16,6 +14,8 @@ from serve_pruned.errors import (
     RemoteCodeRefusedError,
     UnsupportedArchitectureError,
 )
+from serve_pruned.model.arch import support_for
+from serve_pruned.model.source import inspect_folder, read_safetensors_header, resolve_model
 
 
 @pytest.fixture

@@ -1,0 +1,333 @@
+"""One pruning step after another: score -> search -> prune -> refit -> distill, each a function of its own.
+
+An iterative schedule reaches the target in steps of at most ``prune_step`` of the original parameters,
+recovering after each; every step but the last is checkpointed, so a rerun resumes after the last one done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from serve_pruned.cache import cache_root
+from serve_pruned.compress.caches import cached_stats, run_key, stats_key
+from serve_pruned.compress.data import calibration_samples
+from serve_pruned.compress.plan import PackagePlan
+from serve_pruned.compress.progress import progress_bar
+from serve_pruned.compress.quality import Quality
+from serve_pruned.compress.timer import Timer
+from serve_pruned.model.shapes import Candidate, Shape, count_params, plan_shapes
+from serve_pruned.options import PackageOptions
+
+if TYPE_CHECKING:
+    from serve_pruned.compress.distill import DistillSettings
+    from serve_pruned.compress.importance import Scores, Selection
+
+Log = Callable[[str], None]
+
+
+def step_targets(target: float, step: float) -> list[float]:
+    """Fractions of the original parameters after each pruning step: equal steps of at most ``step``."""
+    n = max(1, math.ceil((1.0 - target) / step - 1e-9))
+    return [1.0 - (1.0 - target) * k / n for k in range(1, n + 1)]
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` spread over ``parts`` as evenly as integers allow (the later parts get the remainder)."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
+
+
+def distill_settings(opts: PackageOptions, steps: int) -> DistillSettings:
+    """The distillation settings of one pruning step of ``steps`` optimizer steps under ``opts``."""
+    from serve_pruned.compress.distill import DistillSettings
+
+    return DistillSettings(
+        steps=steps, lr=opts.distill_lr, batch_size=opts.distill_batch_size, temperature=opts.distill_temperature,
+        hidden_weight=opts.distill_hidden_weight, warmup_steps=max(1, min(10, steps // 10)), dtype=opts.distill_dtype,
+        seed=opts.seed, train_embeddings=opts.distill_train_embeddings)
+
+
+def _identity(shape: Shape) -> Selection:
+    from serve_pruned.compress.importance import Selection
+
+    n = shape.num_layers
+    return Selection(layers=list(range(n)), kv_groups=[list(range(shape.num_kv_heads))] * n,
+                     heads=[list(range(shape.num_heads))] * n, ffn=[list(range(shape.intermediate_size))] * n)
+
+
+def _compose(prev: Selection, sel: Selection) -> Selection:
+    """``sel`` (indices into the current model) expressed in the ORIGINAL model's indices."""
+    from serve_pruned.compress.importance import Selection
+
+    return Selection(
+        layers=[prev.layers[i] for i in sel.layers],
+        kv_groups=[[prev.kv_groups[i][g] for g in sel.kv_groups[j]] for j, i in enumerate(sel.layers)],
+        heads=[[prev.heads[i][h] for h in sel.heads[j]] for j, i in enumerate(sel.layers)],
+        ffn=[[prev.ffn[i][c] for c in sel.ffn[j]] for j, i in enumerate(sel.layers)],
+    )
+
+
+def own_weights(model: Any, other: Any) -> None:
+    """Give ``model`` its own copy of every tensor it shares with ``other`` (pruning slices without
+    copying what it keeps whole), so training one never changes the other. Tied weights stay tied."""
+    theirs = {p.data_ptr() for p in other.parameters()}
+    for p in model.parameters():
+        if p.data_ptr() in theirs:
+            p.data = p.data.clone()
+
+
+@dataclass
+class Current:
+    """The model being pruned, between steps."""
+
+    model: Any
+    config: dict
+    shape: Shape
+    kept: Selection  # in the original model's indices
+    params: int
+
+
+def _shapes_of(model: Any) -> dict[str, tuple[int, ...]]:
+    # named_parameters lists a tied embedding once, as the safetensors file does
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _save_step(folder: Path, cur: Current, report: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from serve_pruned.atomic import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".model.safetensors.tmp"
+    save_file({n: p.detach().contiguous() for n, p in cur.model.named_parameters()}, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    atomic_write_text(folder / "done.json", json.dumps({
+        "config": cur.config, "shape": cur.shape.to_dict(), "params": cur.params,
+        "kept": {"layers": cur.kept.layers, "kv_groups": cur.kept.kv_groups, "heads": cur.kept.heads,
+                 "ffn": cur.kept.ffn},
+        "report": report}) + "\n")
+
+
+def _load_step(folder: Path, like: Any) -> tuple[Current, dict[str, Any]] | None:
+    from safetensors.torch import load_file
+
+    from serve_pruned.compress.importance import Selection
+    from serve_pruned.compress.prune import build_model
+
+    done = folder / "done.json"
+    if not done.is_file():
+        return None
+    d = json.loads(done.read_text())
+    model = build_model(like, d["config"], load_file(str(folder / "model.safetensors")))
+    return Current(model, d["config"], Shape(**d["shape"]), Selection(**d["kept"]), d["params"]), d["report"]
+
+
+def _search(
+    model: Any, config: dict, before: Shape, candidates: list[Candidate], scores: Any, samples: Any, *,
+    opts: PackageOptions, progress: bool, log: Log,
+) -> tuple[Candidate, list[dict[str, Any]]]:
+    """Prune to every candidate shape and keep the one with the lowest calibration loss."""
+    from serve_pruned.compress.evaluate import mean_loss
+    from serve_pruned.compress.importance import select
+    from serve_pruned.compress.prune import prune_model
+
+    if len(candidates) == 1:
+        return candidates[0], []
+    # Too many shapes to try: keep those closest to the target (largest first).
+    tried = candidates[: opts.max_candidates]
+    held_out = samples[: opts.search_samples]
+    results = []
+    from tqdm.auto import tqdm
+
+    for cand in tqdm(tried, desc="searching shapes", disable=not progress, leave=False):
+        pruned, _ = prune_model(model, config, before, cand.shape, select(scores, before, cand.shape))
+        loss = mean_loss(pruned, held_out, batch_size=opts.batch_size)
+        results.append({**cand.shape.to_dict(), "params": cand.params, "fraction": round(cand.fraction, 5),
+                        "calib_loss": round(loss, 5)})
+        del pruned
+    best = min(range(len(tried)), key=lambda i: (results[i]["calib_loss"], -tried[i].params))
+    log(f"shape search: {len(tried)} shapes tried, best calibration loss {results[best]['calib_loss']:.4f}")
+    return tried[best], results
+
+
+@dataclass
+class Loaded:
+    """The source model and what was read with it: the inputs of every pruning step."""
+
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    calib_fp: str
+    samples: Any  # calibration windows (n, seq_len), or None without calibration text
+
+
+@dataclass
+class Pruned:
+    """Where the pruning steps ended."""
+
+    current: Current
+    chosen: Candidate
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    recovery: dict[str, Any] = field(default_factory=dict)
+    checkpoints: Path | None = None
+
+    def clear_checkpoints(self) -> None:
+        """The output is complete: the checkpoints are spent."""
+        if self.checkpoints is not None:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+
+@dataclass
+class Steps:
+    """The pruning steps of one run, sharing the plan, the original model and the clocks."""
+
+    plan: PackagePlan
+    loaded: Loaded
+    quality: Quality
+    timer: Timer
+    progress: bool
+    log: Log
+
+    @property
+    def opts(self) -> PackageOptions:
+        return self.plan.opts
+
+    def run(self) -> Pruned:
+        plan, opts, model = self.plan, self.opts, self.loaded.model
+        cur = Current(model, dict(plan.src.config), plan.before, _identity(plan.before), plan.total)
+        if not plan.prunes:
+            return Pruned(cur, plan.candidates[0])
+        targets: list[float | None] = [None]
+        if opts.iterative and opts.target_params is not None:
+            targets = list(step_targets(opts.target_params, opts.prune_step))
+        budget = _split(opts.distill_steps, len(targets)) if opts.distills else [0] * len(targets)
+        dsamples = None
+        if opts.distills:
+            dsamples = calibration_samples(self.loaded.tokenizer, plan.calib, num_samples=opts.distill_samples,
+                                           seq_len=opts.distill_seq_len, seed=opts.seed + 1)
+        root = (Path(opts.checkpoint_dir) if opts.checkpoint_dir
+                else cache_root() / "recover" / run_key(opts, self.loaded.fingerprint, self.loaded.calib_fp))
+        done = Pruned(cur, plan.candidates[0], checkpoints=root)
+        done.recovery = {"schedule": "iterative" if opts.iterative else "one-shot", "steps": done.steps,
+                         "refit": opts.recover and opts.refit,
+                         "distill_steps": opts.distill_steps if opts.distills else 0}
+        self.log(f"pruning in {len(targets)} step(s)" + (
+            f" to {', '.join(f'{x:.3f}' for x in targets if x)} of the parameters" if opts.iterative else ""))
+        for k, target in enumerate(targets):
+            where = f"step {k + 1}/{len(targets)}"
+            last = k == len(targets) - 1
+            resumed = _load_step(root / f"step-{k + 1}", model)
+            if resumed is not None and not last:
+                done.current, report = resumed
+                done.steps.append({**report, "resumed": True})
+                self.log(f"{where}: done in an earlier run, resumed from {root / f'step-{k + 1}'}")
+                continue
+            done.current, done.chosen, report = self.step(k, done.current, target, where=where, last=last,
+                                                          distill_steps=budget[k], dsamples=dsamples,
+                                                          step_dir=root / f"step-{k + 1}")
+            done.steps.append(report)
+            if not last:
+                _save_step(root / f"step-{k + 1}", done.current, report)
+        if opts.recover and (done.recovery["refit"] or opts.distills):
+            self.quality.stage("recovered", done.current.model)
+        return done
+
+    def step(self, k: int, cur: Current, target: float | None, *, where: str, last: bool, distill_steps: int,
+             dsamples: Any, step_dir: Path) -> tuple[Current, Candidate, dict[str, Any]]:
+        """Score, search, prune, refit and distill once; returns the new state, its shape and the step report."""
+        from serve_pruned.compress.importance import select
+        from serve_pruned.compress.prune import prune_model
+
+        plan, opts = self.plan, self.opts
+        report: dict[str, Any] = {"step": k + 1}
+        with self.timer("score"):
+            scores = self.score(k, cur, where=where)
+        with self.timer("prune"):
+            candidates = plan.candidates
+            if target is not None:
+                relative = min(target * plan.total / cur.params, 1.0 - 1e-9)
+                candidates = plan_shapes(_shapes_of(cur.model), cur.shape, target=relative, **plan.shape_kw())
+            chosen, search = _search(cur.model, cur.config, cur.shape, candidates, scores, self.loaded.samples,
+                                     opts=opts, progress=self.progress, log=self.log)
+            sel = select(scores, cur.shape, chosen.shape)
+            new_model, new_cfg = prune_model(cur.model, cur.config, cur.shape, chosen.shape, sel)
+            own_weights(new_model, self.loaded.model)
+            params = count_params(_shapes_of(new_model), chosen.shape)
+        report.update(target=round(target, 5) if target is not None else None, shape=chosen.shape.to_dict(),
+                      params=params, fraction=round(params / plan.total, 5), shape_search=search)
+        self.log(f"{where}: pruned to {chosen.shape.to_dict()} = {params / plan.total:.3f} of the parameters")
+        if last:
+            self.quality.stage("pruned", new_model)
+        kept = _compose(cur.kept, sel)
+        if opts.recover and opts.refit and self.loaded.samples is not None:
+            self.refit(new_model, cur, chosen.shape, kept, dropped=sel.layers != list(range(cur.shape.num_layers)),
+                       where=where, report=report)
+        if distill_steps > 0 and dsamples is not None:
+            self.distill(new_model, dsamples, distill_steps, where=where, step_dir=step_dir, report=report)
+        return (Current(new_model, new_cfg, chosen.shape, kept, params), Candidate(chosen.shape, params,
+                params / plan.total), report)
+
+    def score(self, k: int, cur: Current, *, where: str) -> Scores:
+        """Importance of every structure of the current model (the first step's statistics are cached)."""
+        import torch
+
+        from serve_pruned.compress.importance import LayerStats, collect_stats, compute_scores
+
+        opts, samples, before = self.opts, self.loaded.samples, self.plan.before
+        obs = opts.scorer_used == "obs"  # its FFN order needs Gram matrices, collected only for it
+        if k == 0 and samples is not None:
+            key = stats_key(opts, self.loaded.fingerprint, self.loaded.calib_fp, obs=obs)
+            stats = cached_stats(self.loaded.model, samples, key, batch_size=opts.batch_size, ffn_order=obs,
+                                 progress=self.progress, log=self.log)
+        elif samples is not None:
+            with progress_bar(cur.shape.num_layers, f"{where}: scoring", self.progress, unit="layer") as bar:
+                stats = collect_stats(cur.model, samples, batch_size=opts.batch_size, progress=bar, ffn_order=obs)
+        else:  # magnitude scores need no data; block influence is then unused (no layers dropped)
+            n, zeros = before.num_layers, torch.zeros
+            stats = LayerStats(zeros(n, before.size("q")), zeros(n, before.size("q")), zeros(n, before.num_heads),
+                               zeros(n, before.intermediate_size), zeros(n, before.intermediate_size),
+                               zeros(n), torch.ones(1))
+        return compute_scores(stats, cur.model, cur.shape, opts.scorer_used)
+
+    def refit(self, new_model: Any, cur: Current, shape: Shape, kept: Selection, *, dropped: bool, where: str,
+              report: dict[str, Any]) -> None:
+        """Least-squares refit of the pruned blocks' output projections (closed form)."""
+        opts = self.opts
+        # the stream target corrects drift wherever it is, so every layer's o_proj and down_proj is refit
+        stream = opts.refit_target == "stream"
+        attn = shape.num_heads < cur.shape.num_heads or dropped or stream
+        mlp = shape.intermediate_size < cur.shape.intermediate_size or dropped or stream
+        if not (attn or mlp):
+            return
+        from serve_pruned.compress.refit import refit
+
+        which = " + ".join(n for n, on in (("o_proj", attn), ("down_proj", mlp)) if on)
+        with self.timer("refit"), progress_bar(shape.num_layers, f"{where}: refitting {which}", self.progress) as bar:
+            report["refit"] = refit(new_model, self.loaded.model, kept.layers, self.loaded.samples, attention=attn,
+                                    mlp=mlp, batch_size=opts.batch_size, target=opts.refit_target, progress=bar)
+        self.log(f"{where}: refit {which}: block error " + ", ".join(
+            f"{n} {report['refit'][f'{n}_rel_error_before']:.3f} -> {report['refit'][f'{n}_rel_error_after']:.3f}"
+            for n in ("attn", "mlp") if f"{n}_rel_error_before" in report["refit"]))
+
+    def distill(self, new_model: Any, dsamples: Any, steps: int, *, where: str, step_dir: Path,
+                report: dict[str, Any]) -> None:
+        """Logit distillation from the original, this step's share of the budget."""
+        from serve_pruned.compress.distill import distill
+
+        opts = self.opts
+        settings = distill_settings(opts, steps)
+        budget = opts.distill_time_budget_s * steps / opts.distill_steps if opts.distill_time_budget_s else None
+        with self.timer("distill"), progress_bar(settings.steps, f"{where}: distilling", self.progress,
+                                                 unit="step") as bar:
+            report["distill"] = distill(new_model, self.loaded.model, dsamples, settings=settings,
+                                        checkpoint_dir=step_dir / "distill", progress=bar, time_budget_s=budget)
+        d = report["distill"]
+        self.log(f"{where}: distilled {d['steps']} steps ({d['tokens']:,} tokens, {d['seconds']:.0f} s): "
+                 f"KL {d['loss_first']:.3f} -> {d['loss_last']:.3f}"
+                 + (f", resumed at step {d['resumed_from_step']}" if d["resumed_from_step"] else ""))

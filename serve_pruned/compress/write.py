@@ -1,0 +1,124 @@
+"""The write stage: quantize, save, carry the source's files over, model card and manifest, atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from serve_pruned import __version__
+from serve_pruned.atomic import atomic_dir
+from serve_pruned.compress.plan import PackagePlan
+from serve_pruned.compress.provenance import hub_id_of, peak_rss_bytes, tool_versions
+from serve_pruned.compress.quality import Quality
+from serve_pruned.compress.quantize import QuantPlan
+from serve_pruned.compress.steps import Loaded, Pruned
+from serve_pruned.compress.timer import Timer
+from serve_pruned.manifest import PACKAGE_OWNER, write_manifest
+from serve_pruned.model.config import config_dtype
+
+Log = Callable[[str], None]
+
+# Files carried over from the source folder besides weights and config.json.
+CARRY_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+    "generation_config.json",
+    "LICENSE*",
+    "NOTICE*",
+)
+
+
+def write_package(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Quality, timer: Timer, *,
+                  log: Log, repo_id: str | None) -> dict[str, Any]:
+    """Write the output folder (replacing an earlier one only once it is complete); returns its manifest."""
+    import torch
+
+    save_dtype = getattr(torch, config_dtype(plan.src.config) or "float32")  # transformers' default when undeclared
+    qplan = plan.quantization(pruned.chosen.shape)
+    with atomic_dir(plan.out, overwrite=plan.opts.overwrite, owner=PACKAGE_OWNER) as tmp:
+        model = pruned.current.model.to(save_dtype)
+        config = {**pruned.current.config, "dtype": str(save_dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if qplan is not None:
+            t = _quantize_and_save(model, loaded, qplan, quality, timer, tmp, config, log=log)
+        else:
+            t = time.perf_counter()
+            model.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for pattern in CARRY_PATTERNS:
+            for f in plan.src.path.glob(pattern):
+                if f.is_file() and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+        weight_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        timer.add("eval", quality.seconds)
+        timer.add("write", time.perf_counter() - t)
+        timer.add("total", timer.elapsed())
+        body = manifest_body(plan, loaded, pruned, quality, timer, qplan=qplan, weight_bytes=weight_bytes,
+                             dtype_bytes=torch.tensor([], dtype=save_dtype).element_size(),
+                             dtype=str(save_dtype).removeprefix("torch."))
+        from serve_pruned.hub.card import render_card
+
+        (tmp / "README.md").write_text(render_card(body, name=plan.out.name, repo_id=repo_id))
+        return write_manifest(tmp, body)
+
+
+def _quantize_and_save(model: Any, loaded: Loaded, qplan: QuantPlan, quality: Quality, timer: Timer, tmp: Path,
+                       config: dict[str, Any], *, log: Log) -> float:
+    """llmcompressor into compressed-tensors; returns when the saving began (the write stage's clock)."""
+    from serve_pruned.compress.quantize import apply_quantization, save_quantized
+
+    log(f"quantizing ({qplan.scheme}{f', group size {qplan.group_size}' if qplan.group_size else ''}) "
+        "with llmcompressor")
+    with timer("quantize"):
+        # llmcompressor reads config.json back from name_or_path (and writes it on save): make that
+        # the pruned config, not the source's
+        model.config._name_or_path = str(tmp)
+        recipe = apply_quantization(model, loaded.tokenizer, qplan, loaded.samples)
+    quality.stage("quantized", model)
+    t = time.perf_counter()
+    save_quantized(model, loaded.tokenizer, recipe, tmp)
+    config["quantization_config"] = json.loads((tmp / "config.json").read_text())["quantization_config"]
+    return t
+
+
+def manifest_body(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Quality, timer: Timer, *,
+                  qplan: QuantPlan | None, weight_bytes: int, dtype_bytes: int, dtype: str) -> dict[str, Any]:
+    """Everything serve_pruned.json says about the package but its file table."""
+    opts, src, support, before, chosen = plan.opts, plan.src, plan.support, plan.before, pruned.chosen
+    kept = pruned.current.kept if plan.prunes else None
+    return {
+        "kind": "-".join(k for k, on in (("pruned", plan.prunes), ("quantized", qplan is not None)) if on),
+        "created_by": f"serve-pruned {__version__}",
+        "source": {"model": src.ref, "revision": src.revision, "fingerprint": loaded.fingerprint,
+                   "architecture": support.architecture, "model_type": support.model_type,
+                   "base_model": opts.base_model or hub_id_of(src), "license": plan.license_id},
+        "architecture": support.architecture,
+        "shape_before": before.to_dict(),
+        "shape_after": chosen.shape.to_dict(),
+        "params_before": plan.total,
+        "params_after": chosen.params,
+        "params_fraction": round(chosen.params / plan.total, 6),
+        "dtype": dtype,
+        "quantization": qplan.to_dict() if qplan else None,
+        "weight_bytes": weight_bytes,
+        "weight_bytes_before": sum(t.nbytes for t in src.tensors.values()),
+        "kv_cache_bytes_per_token": chosen.shape.kv_cache_bytes_per_token(dtype_bytes),
+        "kv_cache_bytes_per_token_before": before.kv_cache_bytes_per_token(dtype_bytes),
+        "pruning": ({"scorer": opts.scorer_used, **kept.summary(), "shape_search": pruned.steps[-1]["shape_search"]}
+                    if kept is not None else None),
+        "recovery": pruned.recovery,
+        "options": opts.public(),
+        "quality": quality.manifest_section(eval_sources=plan.eval, ood_sources=plan.ood),
+        "timings_s": timer.as_manifest(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "tool_versions": tool_versions(),
+    }
