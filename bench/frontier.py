@@ -35,7 +35,8 @@ def run(src: Path, out: Path, target: float, variant: str, args: argparse.Namesp
         num_samples=args.num_samples, distill_steps=args.distill_steps, eval_text=(str(DOCS / "tutorial"),),
         eval_ood_text=(str(OOD),), eval_max_tokens=args.eval_tokens, eval_baseline=True, **VARIANTS[variant])
     t = time.perf_counter()
-    m = package(opts, progress=False, log=lambda msg: print(f"  [{target} {variant}] {msg}", file=sys.stderr)).manifest
+    result = package(opts, progress=False, log=lambda msg: print(f"  [{target} {variant}] {msg}", file=sys.stderr))
+    m = result.manifest.to_dict()
     q = m["quality"]
     final = q["recovered"] if "recovered" in q else q["pruned"]
     return {"fraction": m["params_fraction"], "ppl": final["perplexity"], "ood": final["out_of_domain"]["perplexity"],

@@ -52,7 +52,7 @@ def main() -> None:
                                       num_samples=args.num_samples, recover=refit, refit=refit, distill_steps=0)
                 result = package(opts, progress=False, log=lambda m: print(m, file=sys.stderr))
                 elapsed = time.perf_counter() - t
-                m = result.manifest
+                m = result.manifest.to_dict()
                 ppl = {k: evaluate_folder(str(result.out), v, max_tokens=args.eval_tokens, progress=False)["perplexity"]
                        for k, v in texts.items()}
                 s = m["shape_after"]

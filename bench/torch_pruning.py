@@ -238,7 +238,7 @@ def main() -> None:
             distill_batch_size=DISTILL_BATCH, distill_samples=DISTILL_SAMPLES, distill_lr=DISTILL_LR,
             distill_dtype=DISTILL_DTYPE, seed=SEED,
             **({"num_samples": 16, "seq_len": 128} if args.smoke else {}))
-        m = package(opts, progress=False, log=log).manifest
+        m = package(opts, progress=False, log=log).manifest.to_dict()
         ours_s = time.perf_counter() - t
         q = m["quality"]
         d_ours = m["recovery"]["steps"][-1].get("distill", {})

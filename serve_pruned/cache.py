@@ -13,3 +13,8 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "serve_pruned"
+
+
+def pulled_dir(repo_id: str, revision: str | None) -> Path:
+    """Where `serve REPO@REV` keeps the verified pull it serves from (and `deploy render` sizes from)."""
+    return cache_root() / "pulled" / f"{repo_id.replace('/', '--')}@{revision or 'main'}"

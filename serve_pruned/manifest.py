@@ -10,11 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from serve_pruned.atomic import Owner
 from serve_pruned.errors import ManifestError
 
 MANIFEST_NAME = "serve_pruned.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 22) -> str:
@@ -36,10 +39,94 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
+class SourceInfo(BaseModel):
+    """Which model a package was made from."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    revision: str | None = None
+    fingerprint: str | None = None  # sha256 over config.json and every weight file's sha256
+    architecture: str | None = None
+    model_type: str | None = None
+    base_model: str | None = None
+    license: str | None = None
+
+
+class QuantizationInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    scheme: str
+    group_size: int | None = None
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class Manifest(BaseModel):
+    """``serve_pruned.json``: the hand-off from packaging to push, pull, plan, serve and the exporter.
+
+    Format 2 is format 1 typed: the same keys, so a format-1 manifest (serve-pruned 0.1) reads as it is;
+    keys this version does not know are kept (``extra="allow"``) and written back unchanged.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = FORMAT_VERSION
+    kind: str = ""
+    created_by: str = ""
+    source: SourceInfo
+    architecture: str = ""
+    shape_before: dict[str, int]
+    shape_after: dict[str, int]
+    params_before: int
+    params_after: int
+    params_fraction: float = 1.0
+    dtype: str = ""
+    quantization: QuantizationInfo | None = None
+    weight_bytes: int
+    weight_bytes_before: int
+    kv_cache_bytes_per_token: int
+    kv_cache_bytes_per_token_before: int
+    pruning: dict[str, Any] | None = None
+    recovery: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+    quality: dict[str, Any] = Field(default_factory=dict)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    peak_rss_bytes: int | None = None
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+
+    @property
+    def scheme(self) -> str:
+        """The quantization scheme, ``none`` when not quantized."""
+        return self.quantization.scheme if self.quantization is not None else "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, exactly the keys it was read or built with."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @classmethod
+    def parse(cls, data: Any, *, where: str) -> Manifest:
+        """A manifest from its JSON document (format 1 or 2), or a ManifestError naming ``where``."""
+        if not isinstance(data, dict) or data.get("format_version") not in READABLE_VERSIONS:
+            raise ManifestError(f"{where} has an unknown format_version", path=where,
+                                hint="upgrade serve-pruned, or re-package the model")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise ManifestError(f"{where} lacks the sizes the planner needs ({field}: {err['msg']})", path=where,
+                                hint="re-package the model with serve-pruned package") from exc
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> Manifest:
     """Add the file table to ``body`` and write it as the folder's manifest; returns what was written."""
-    manifest = {"format_version": FORMAT_VERSION, **body, "files": file_table(folder)}
-    (Path(folder) / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    manifest = Manifest.model_validate({"format_version": FORMAT_VERSION, **body, "files": file_table(folder)})
+    (Path(folder) / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
     return manifest
 
 
@@ -50,9 +137,9 @@ def _not_in_manifest(folder: Path) -> list[str]:
         manifest = read_manifest(folder)
     except ManifestError:
         return files or sorted(p.name for p in Path(folder).iterdir())
-    if not str(manifest.get("created_by", "")).startswith("serve-pruned"):
+    if not manifest.created_by.startswith("serve-pruned"):
         return files
-    listed = {*manifest.get("files", {}), MANIFEST_NAME}
+    listed = {*manifest.files, MANIFEST_NAME}
     return [f for f in files if f not in listed]
 
 
@@ -60,7 +147,7 @@ def _not_in_manifest(folder: Path) -> list[str]:
 PACKAGE_OWNER = Owner("packaged model", _not_in_manifest)
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(
@@ -69,21 +156,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             hint="package the model first: serve-pruned package MODEL --out DIR",
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc})", path=str(path),
                             hint="the manifest was damaged: re-package the model, or pull it again") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(f"{path} has an unknown format_version", path=str(path),
-                            hint="upgrade serve-pruned, or re-package the model")
-    return manifest
+    return Manifest.parse(data, where=str(path))
 
 
-def verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+def verify_files(folder: Path, manifest: Manifest) -> list[str]:
     """Names of files that are missing or whose sha256 differs from the manifest (empty when intact)."""
     bad = []
-    for rel, meta in manifest.get("files", {}).items():
+    for rel, meta in manifest.files.items():
         p = Path(folder) / rel
-        if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+        if not p.is_file() or p.stat().st_size != meta.bytes or sha256_file(p) != meta.sha256:
             bad.append(rel)
     return bad

@@ -26,64 +26,91 @@ class PackageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="local Hugging Face folder or Hub id")
-    out: Path = Field(json_schema_extra=_NEUTRAL)
-    revision: str | None = None
-    trust_remote_code: bool = False
+    # The descriptions are the `serve-pruned package --help` texts; the CLI takes defaults and help from here.
+    model: str = Field(description="Local Hugging Face folder or Hub id.")
+    out: Path = Field(description="Output folder (written atomically).", json_schema_extra=_NEUTRAL)
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
+    trust_remote_code: bool = Field(False, description="Allow models that need code from their repository.")
     overwrite: bool = Field(False, json_schema_extra=_NEUTRAL)
-    base_model: str | None = Field(None, description="Hub id for the model card (default: the source's)",
-                                   json_schema_extra=_NEUTRAL)
-    license: str | None = Field(None, description="licence id for the model card (default: the source's)",
-                                json_schema_extra=_NEUTRAL)
+    base_model: str | None = Field(None, description="Hub id named as base_model in the model card (default: the "
+                                   "source's).", json_schema_extra=_NEUTRAL)
+    license: str | None = Field(None, description="Licence id for the model card (default: carried from the "
+                                "source).", json_schema_extra=_NEUTRAL)
 
-    calib: tuple[str, ...] = ()
-    text_field: str = "text"
-    num_samples: int = Field(64, ge=1)
-    seq_len: int = Field(512, ge=16)
+    calib: tuple[str, ...] = Field((), description="Calibration text: .txt/.jsonl file, folder, or hf:DATASET. "
+                                   "Repeat to mix sources.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl/datasets.")
+    num_samples: int = Field(64, ge=1, description="Calibration samples for scoring.")
+    seq_len: int = Field(512, ge=16, description="Tokens per calibration sample.")
     seed: int = 0
     batch_size: int = Field(4, ge=1)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Precision for scoring and evaluation (weights are saved in the source dtype).")
 
-    scorer: Literal["auto", "activation", "fluctuation", "magnitude", "obs"] = "auto"
-    target_params: float | None = None
-    keep_heads: int | None = None
-    keep_kv_heads: int | None = None
-    keep_ffn: int | None = None
-    drop_layers: int = Field(0, ge=0)
+    scorer: Literal["auto", "activation", "fluctuation", "magnitude", "obs"] = Field(
+        "auto", description="Importance scorer; auto: obs when the refit runs, else activation.")
+    target_params: float | None = Field(None, description="Fraction of total parameters to keep, in (0, 1).")
+    keep_heads: int | None = Field(None, description="Query heads per layer to keep.")
+    keep_kv_heads: int | None = Field(None, description="KV heads (groups) per layer to keep.")
+    keep_ffn: int | None = Field(None, description="FFN channels per layer to keep.")
+    drop_layers: int = Field(0, ge=0, description="Whole layers to drop.")
     multiple_of: int | None = Field(
-        None, ge=1, description="FFN sizes are multiples of this (default: 64 with quant w4a16, else 32)")
-    max_candidates: int = Field(12, ge=1)
+        None, ge=1, description="FFN sizes are multiples of this.  [default: 64 with --quant w4a16, so its group "
+        "size divides them; else 32]")
+    max_candidates: int = Field(12, ge=1, description="Shapes tried by the search.")
     search_samples: int = Field(4, ge=1)
 
     # recovery: closed-form refit, then logit distillation from the original, after every pruning step
-    refit: bool = True
-    refit_target: Literal["block", "stream"] = "block"
-    recover: bool = True
-    schedule: Literal["iterative", "one-shot"] = "one-shot"
-    prune_step: float = Field(0.125, gt=0.0, le=1.0, description="fraction of the ORIGINAL parameters per step")
-    distill_steps: int = Field(160, ge=0, description="optimizer steps in all, spread over the pruning steps")
-    distill_lr: float = Field(4e-4, gt=0.0)
+    refit: bool = Field(True, description="Refit each pruned block's output projection (o_proj, down_proj) by least "
+                        "squares so it reproduces the original block's output (closed form, no gradient steps).")
+    refit_target: Literal["block", "stream"] = Field(
+        "block", description="block: each pruned block reproduces the original block on the same input. stream: "
+        "every o_proj and down_proj is refit to bring the residual stream back onto the original model's, "
+        "correcting earlier layers' drift too (how the two compare: docs/benchmarks.md).")
+    recover: bool = Field(True, description="Recover after each pruning step: refit, then distill from the original.")
+    schedule: Literal["iterative", "one-shot"] = Field(
+        "one-shot", description="Reach --target-params in steps of --prune-step (recovering after each), or in one "
+        "step.")
+    prune_step: float = Field(0.125, gt=0.0, le=1.0, description="Largest share of the original parameters removed "
+                              "per step (iterative schedule).")
+    distill_steps: int = Field(160, ge=0, description="Logit-distillation steps in all (spread over the pruning "
+                               "steps); 0 = refit only.")
+    distill_lr: float = Field(4e-4, gt=0.0, description="Peak AdamW learning rate (chosen on SmolLM2 at 0.75: "
+                              "docs/benchmarks.md).")
     distill_batch_size: int = Field(4, ge=1)
     distill_seq_len: int = Field(256, ge=16)
-    distill_samples: int = Field(640, ge=1, description="windows of calibration text the distillation draws from")
+    distill_samples: int = Field(640, ge=1, description="Windows of calibration text the distillation draws "
+                                 "batches from.")
     distill_temperature: float = Field(1.0, gt=0.0)
-    distill_hidden_weight: float = Field(0.0, ge=0.0)
-    distill_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    distill_train_embeddings: bool = False
-    distill_time_budget_s: float | None = Field(None, gt=0.0, description="stop distilling after this long",
-                                                json_schema_extra=_NEUTRAL)
-    checkpoint_dir: Path | None = Field(None, json_schema_extra=_NEUTRAL)
+    distill_hidden_weight: float = Field(0.0, ge=0.0, description="Weight of a cosine loss on the final hidden "
+                                         "states (0 = logits only).")
+    distill_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Forward passes under bfloat16 autocast where the hardware computes it natively (auto).")
+    distill_train_embeddings: bool = Field(
+        False, description="Train the token embedding / LM head too (frozen by default: the same recovery in faster "
+        "steps, every token's vector kept as the original has it; docs/benchmarks.md).")
+    distill_time_budget_s: float | None = Field(None, gt=0.0, description="Stop distilling after this many seconds "
+                                                "in all.", json_schema_extra=_NEUTRAL)
+    checkpoint_dir: Path | None = Field(None, description="Where recovery checkpoints go (default: the cache); a "
+                                        "rerun resumes from them.", json_schema_extra=_NEUTRAL)
 
     # quantization and evaluation come after recovery: a rerun that changes only them reuses its checkpoints
-    quant: Literal["none", "w8a8", "w4a16", "fp8"] = Field("none", json_schema_extra=_NEUTRAL)
-    group_size: int | None = Field(None, ge=1, json_schema_extra=_NEUTRAL)
+    quant: Literal["none", "w8a8", "w4a16", "fp8"] = Field(
+        "none", description="Quantize with llmcompressor into compressed-tensors (w8a8: SmoothQuant+GPTQ INT8; "
+        "w4a16: GPTQ INT4; fp8: FP8_DYNAMIC).", json_schema_extra=_NEUTRAL)
+    group_size: int | None = Field(None, ge=1, description="W4A16 group size (default: the largest of 128/64/32 "
+                                   "that divides).", json_schema_extra=_NEUTRAL)
 
-    eval_text: tuple[str, ...] = Field((), json_schema_extra=_NEUTRAL)
+    eval_text: tuple[str, ...] = Field((), description="Held-out text for the quality report. Repeatable.",
+                                       json_schema_extra=_NEUTRAL)
     eval_max_tokens: int = Field(16384, ge=2, json_schema_extra=_NEUTRAL)
     eval_seq_len: int = Field(512, ge=2, json_schema_extra=_NEUTRAL)
-    eval_ood_text: tuple[str, ...] = Field((), json_schema_extra=_NEUTRAL)
+    eval_ood_text: tuple[str, ...] = Field((), description="Out-of-domain text for the quality report. Repeatable.",
+                                           json_schema_extra=_NEUTRAL)
     eval_baseline: bool = Field(True, json_schema_extra=_NEUTRAL)
-    eval_prompts: tuple[str, ...] | None = Field(None, json_schema_extra=_NEUTRAL)
+    eval_prompts: tuple[str, ...] | None = Field(
+        None, description="Prompt whose greedy continuation is compared with the original's (default: built-in "
+        "facts).", json_schema_extra=_NEUTRAL)
 
     @property
     def prunes(self) -> bool:

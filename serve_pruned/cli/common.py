@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import click
 
 from serve_pruned.errors import ServePrunedError
+from serve_pruned.serving.memory import DEFAULT_CONCURRENCY, DEFAULT_MAX_MODEL_LEN
 
 DEBUG_ENV = "SERVE_PRUNED_DEBUG"
 
@@ -114,8 +115,6 @@ class Root(click.Group):
 
 COUNT = click.IntRange(min=1)  # instances, samples, tokens, sequences
 PORT = click.IntRange(1, 65535)
-DEFAULT_MAX_MODEL_LEN = 2048
-DEFAULT_CONCURRENCY = 16
 
 
 def max_model_len_option(help: str = "Context length each instance serves (vLLM --max-model-len).") -> Any:
@@ -159,3 +158,31 @@ def overwrite_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., 
         "--overwrite", is_flag=True,
         help=f"Replace {what} if it exists and holds only this command's own earlier output "
              "(only once the new output is complete; anything else is never replaced).")
+
+
+def field_option(name: str, *decls: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A `package` flag whose default, help and choices come from ``PackageOptions`` (written once, there).
+
+    ``decls`` default to ``--name-with-dashes``; a bool field needs ``--x/--no-x`` decls; a tuple field
+    is a repeatable option. Range checks stay in the model, so a recipe and a flag are refused alike.
+    """
+    import types
+    import typing
+
+    from serve_pruned.options import PackageOptions
+
+    info = PackageOptions.model_fields[name]
+    args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+    inner = args[0] if isinstance(info.annotation, types.UnionType) and len(args) == 1 else info.annotation
+    if typing.get_origin(inner) is typing.Literal:
+        kw.setdefault("type", click.Choice(list(typing.get_args(inner))))
+    elif typing.get_origin(inner) is tuple:
+        kw.setdefault("multiple", True)
+    elif inner in (int, float):
+        kw.setdefault("type", inner)
+    if not kw.get("multiple") and not info.is_required() and info.default is not None:
+        kw.setdefault("default", info.default)
+        kw.setdefault("show_default", True)
+    if info.description:
+        kw.setdefault("help", info.description)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), **kw)

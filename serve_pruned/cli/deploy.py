@@ -1,6 +1,6 @@
 """`serve-pruned deploy`: render, check and apply Kubernetes manifests for a packaged model.
 
-Thin like the rest of the CLI: options -> DeploySpec (serve_pruned.manifests.spec) -> objects.
+Thin like the rest of the CLI: options -> DeploySpec (serve_pruned.kube.spec) -> objects.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import click
 import yaml
 
 from serve_pruned.cli.common import OUTPUT, format_option, info, overwrite_option
-from serve_pruned.manifests.kustomize import EXAMPLE_MODEL, EXAMPLE_MODEL_DIR, OVERLAYS
+from serve_pruned.kube.kustomize import EXAMPLE_MODEL, EXAMPLE_MODEL_DIR, OVERLAYS
 
 CHART = "deploy/helm/serve-pruned"
 REGENERATE = f"serve-pruned deploy kustomize k8s --model {EXAMPLE_MODEL} --model-dir {EXAMPLE_MODEL_DIR}"
@@ -32,14 +32,14 @@ def _bytes(text: str) -> int:
 
 def footprint_for(model: str, model_dir: Path | None) -> Any:
     """The model's footprint from --model-dir, else from a folder `serve-pruned pull`/`serve` left in the cache."""
-    from serve_pruned.cache import cache_root
+    from serve_pruned.cache import pulled_dir
     from serve_pruned.errors import ManifestError
     from serve_pruned.hub.transfer import parse_repo_spec
     from serve_pruned.manifest import MANIFEST_NAME
     from serve_pruned.serving.memory import ModelFootprint
 
     repo_id, revision = parse_repo_spec(model)
-    candidates = [model_dir] if model_dir else [cache_root() / "pulled" / f"{repo_id.replace('/', '--')}@{revision}"]
+    candidates = [model_dir] if model_dir else [pulled_dir(repo_id, revision)]
     for folder in candidates:
         if folder is not None and (folder / MANIFEST_NAME).is_file() and (folder / "config.json").is_file():
             return ModelFootprint.from_folder(folder)
@@ -116,7 +116,7 @@ def render_options(fn: Any) -> Any:
 def spec_from_options(**o: Any) -> Any:
     """A DeploySpec from `deploy render`'s options (the planner sizes every instance)."""
     from serve_pruned.hub.transfer import parse_repo_spec
-    from serve_pruned.manifests.spec import (
+    from serve_pruned.kube.spec import (
         Autoscaling,
         Cache,
         Images,
@@ -164,10 +164,11 @@ def _load_objects(source: str) -> list[dict[str, Any]]:
     else:
         path = Path(source)
         if (path / "kustomization.yaml").is_file():
-            from serve_pruned.manifests.apply import _run, find_kubectl, subprocess_runner
+            from serve_pruned.kube.apply import find_kubectl, run_kubectl, subprocess_runner
 
             kubectl = find_kubectl()
-            text = _run(subprocess_runner, [kubectl, "kustomize", str(path)], timeout=60, what="kubectl kustomize")
+            text = run_kubectl(subprocess_runner, [kubectl, "kustomize", str(path)], timeout=60,
+                               what="kubectl kustomize")
         elif path.is_dir():
             text = "\n---\n".join(p.read_text() for p in sorted(path.glob("*.yaml")))
         elif path.is_file():
@@ -191,9 +192,9 @@ deploy_group: click.Group = click.Group(
 def render_cmd(output: Path, values_out: Path | None, overwrite: bool, **o: Any) -> None:
     """Render the Deployment, Service, PDB, NetworkPolicy, ... of --model, sized by the planner."""
     from serve_pruned.atomic import check_output, write_output_file
-    from serve_pruned.manifests import build, dump
-    from serve_pruned.manifests.checks import check_or_raise
-    from serve_pruned.manifests.kustomize import GENERATED_FILE, RENDERED, values_yaml, write_dir
+    from serve_pruned.kube import build, dump
+    from serve_pruned.kube.checks import check_or_raise
+    from serve_pruned.kube.kustomize import GENERATED_FILE, RENDERED, values_yaml, write_dir
 
     to_stdout = str(output) == "-"
     if not to_stdout:  # a folder that may not be written fails before the planner runs
@@ -224,8 +225,8 @@ def render_cmd(output: Path, values_out: Path | None, overwrite: bool, **o: Any)
               help="Also write this Helm chart's values.yaml (the gpu-colocated example) and values.schema.json.")
 def kustomize_cmd(root: Path, model: str, model_dir: Path, chart: Path) -> None:
     """Regenerate ROOT/base and ROOT/overlays/{cpu-dev,gpu-colocated,mig} (the committed k8s/ tree)."""
-    from serve_pruned.manifests import build
-    from serve_pruned.manifests.kustomize import write_chart_values, write_tree
+    from serve_pruned.kube import build
+    from serve_pruned.kube.kustomize import write_chart_values, write_tree
 
     specs = {}
     for name, args in OVERLAYS.items():
@@ -245,7 +246,7 @@ def kustomize_cmd(root: Path, model: str, model_dir: Path, chart: Path) -> None:
 def check_cmd(source: str, fmt: str) -> None:
     """Check rendered manifests (file, folder, kustomize folder or '-') for what linters miss."""
     from serve_pruned.errors import ManifestCheckError
-    from serve_pruned.manifests.checks import check
+    from serve_pruned.kube.checks import check
 
     objs = _load_objects(source)
     findings = check(objs)
@@ -272,8 +273,8 @@ def apply_cmd(source: str, dry_run: str, context: str | None, timeout_s: float, 
     """`kubectl apply --server-side` SOURCE (file, folder, kustomize folder or '-'), then rollout status."""
     from dataclasses import asdict
 
-    from serve_pruned.manifests.apply import apply, find_kubectl
-    from serve_pruned.manifests.checks import check_or_raise
+    from serve_pruned.kube.apply import apply, find_kubectl
+    from serve_pruned.kube.checks import check_or_raise
 
     kubectl = find_kubectl(kubectl_path)
     objs = _load_objects(source)

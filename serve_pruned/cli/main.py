@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +18,7 @@ from serve_pruned.cli.common import (
     Root,
     concurrency_option,
     emit,
+    field_option,
     format_option,
     info,
     max_model_len_option,
@@ -25,6 +26,9 @@ from serve_pruned.cli.common import (
     token_option,
 )
 from serve_pruned.cli.deploy import deploy_group
+
+if TYPE_CHECKING:
+    from serve_pruned.manifest import Manifest
 
 
 @click.group("serve-pruned", cls=Root,
@@ -48,29 +52,26 @@ def example_model(dest: Path, overwrite: bool) -> None:
     click.echo(str(path))
 
 
-def _package_text(m: dict[str, Any]) -> str:
-    a, b = m["shape_after"], m["shape_before"]
+def _package_text(out: Path, m: Manifest) -> str:
+    a, b = m.shape_after, m.shape_before
     lines = [
-        f"wrote {m['out']}",
-        f"  architecture   {m['architecture']}",
+        f"wrote {out}",
+        f"  architecture   {m.architecture}",
         f"  layers         {b['num_layers']} -> {a['num_layers']}",
         f"  heads / kv     {b['num_heads']}/{b['num_kv_heads']} -> {a['num_heads']}/{a['num_kv_heads']}",
         f"  ffn            {b['intermediate_size']} -> {a['intermediate_size']}",
-        f"  parameters     {m['params_before']:,} -> {m['params_after']:,} ({m['params_fraction']:.3f})",
-        f"  weight bytes   {m['weight_bytes_before']:,} -> {m['weight_bytes']:,}",
-        f"  KV bytes/token {m['kv_cache_bytes_per_token_before']:,} -> {m['kv_cache_bytes_per_token']:,}",
+        f"  parameters     {m.params_before:,} -> {m.params_after:,} ({m.params_fraction:.3f})",
+        f"  weight bytes   {m.weight_bytes_before:,} -> {m.weight_bytes:,}",
+        f"  KV bytes/token {m.kv_cache_bytes_per_token_before:,} -> {m.kv_cache_bytes_per_token:,}",
     ]
-    if m.get("quantization"):
-        qz = m["quantization"]
-        group = f" (group {qz['group_size']})" if qz.get("group_size") else ""
-        lines.append(f"  quantization   {qz['scheme']}{group}")
-    q = m.get("quality") or {}
-    timings = m.get("timings_s") or {}
-    if q:
+    if m.quantization is not None:
+        group = f" (group {m.quantization.group_size})" if m.quantization.group_size else ""
+        lines.append(f"  quantization   {m.quantization.scheme}{group}")
+    if m.quality:
         lines.append("  quality report (perplexity, x original; out of domain; top-1 agreement; fact prompts)")
     for stage in ("original", "pruned", "recovered", "quantized"):
-        if stage in q:
-            e = q[stage]
+        if stage in m.quality:
+            e = m.quality[stage]
             parts = [f"{e['perplexity']:.2f} ({e.get('perplexity_ratio', 1.0):.2f}x)"]
             if "out_of_domain" in e:
                 parts.append(f"ood {e['out_of_domain']['perplexity']:.2f} "
@@ -80,11 +81,11 @@ def _package_text(m: dict[str, Any]) -> str:
             if stage != "original" and "prompts" in e:
                 parts.append(f"facts {e['prompts']['prefix_agreement']:.2f}")
             lines.append(f"    {stage:<10} " + ", ".join(parts))
-    if timings:
-        lines.append("  time           " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items()
+    if m.timings_s:
+        lines.append("  time           " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in m.timings_s.items()
                                                    if k != "checks_s"))
-    if m.get("peak_rss_bytes"):
-        lines.append(f"  peak RSS       {m['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if m.peak_rss_bytes:
+        lines.append(f"  peak RSS       {m.peak_rss_bytes / 2**30:.2f} GiB")
     return "\n".join(lines)
 
 
@@ -93,75 +94,49 @@ def _package_text(m: dict[str, Any]) -> str:
 @click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False),
               help="YAML recipe with any of these options as keys (target_params: 0.75 ...); flags override it. "
               "Examples in packaging/recipes/.")
-@click.option("--out", "-o", type=OUTPUT, help="Output folder (written atomically).")
-@click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
-@click.option("--calib", multiple=True,
-              help="Calibration text: .txt/.jsonl file, folder, or hf:DATASET. Repeat to mix sources.")
-@click.option("--text-field", default="text", show_default=True, help="Field holding the text in .jsonl/datasets.")
-@click.option("--num-samples", type=int, default=64, show_default=True, help="Calibration samples for scoring.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--scorer", type=click.Choice(["auto", "activation", "fluctuation", "magnitude", "obs"]),
-              default="auto", show_default=True,
-              help="Importance scorer; auto: obs when the refit runs, else activation.")
-@click.option("--target-params", type=float, help="Fraction of total parameters to keep, in (0, 1).")
-@click.option("--keep-heads", type=int, help="Query heads per layer to keep.")
-@click.option("--keep-kv-heads", type=int, help="KV heads (groups) per layer to keep.")
-@click.option("--keep-ffn", type=int, help="FFN channels per layer to keep.")
-@click.option("--drop-layers", type=int, default=0, show_default=True, help="Whole layers to drop.")
-@click.option("--multiple-of", type=int,
-              help="FFN sizes are multiples of this.  [default: 64 with --quant w4a16, so its group size "
-                   "divides them; else 32]")
-@click.option("--max-candidates", type=int, default=12, show_default=True, help="Shapes tried by the search.")
-@click.option("--schedule", type=click.Choice(["iterative", "one-shot"]), default="one-shot", show_default=True,
-              help="Reach --target-params in steps of --prune-step (recovering after each), or in one step.")
-@click.option("--prune-step", type=float, default=0.125, show_default=True,
-              help="Largest share of the original parameters removed per step (iterative schedule).")
-@click.option("--recover/--no-recover", default=True, show_default=True,
-              help="Recover after each pruning step: refit, then distill from the original.")
-@click.option("--refit/--no-refit", default=True, show_default=True,
-              help="Refit each pruned block's output projection (o_proj, down_proj) by least squares so it "
-              "reproduces the original block's output (closed form, no gradient steps).")
-@click.option("--refit-target", type=click.Choice(["block", "stream"]), default="block", show_default=True,
-              help="block: each pruned block reproduces the original block on the same input. stream: every "
-              "o_proj and down_proj is refit to bring the residual stream back onto the original model's, "
-              "correcting earlier layers' drift too; on SmolLM2 at 0.75 closer in domain, further out of domain, "
-              "and a worse start for distillation (docs/benchmarks.md).")
-@click.option("--distill-steps", type=int, default=160, show_default=True,
-              help="Logit-distillation steps in all (spread over the pruning steps); 0 = refit only.")
-@click.option("--distill-lr", type=float, default=4e-4, show_default=True,
-              help="Peak AdamW learning rate (measured on SmolLM2 at 0.75, 64 steps: 4e-4 beat 1e-4 and 1e-3).")
-@click.option("--distill-batch-size", type=int, default=4, show_default=True)
-@click.option("--distill-seq-len", type=int, default=256, show_default=True)
-@click.option("--distill-samples", type=int, default=640, show_default=True,
-              help="Windows of calibration text the distillation draws batches from.")
-@click.option("--distill-temperature", type=float, default=1.0, show_default=True)
-@click.option("--distill-hidden-weight", type=float, default=0.0, show_default=True,
-              help="Weight of a cosine loss on the final hidden states (0 = logits only).")
-@click.option("--distill-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="Forward passes under bfloat16 autocast where the hardware computes it natively (auto).")
-@click.option("--distill-train-embeddings/--distill-freeze-embeddings", default=False, show_default=True,
-              help="Train the token embedding / LM head too (frozen by default: same recovery measured, "
-              "7% faster steps, every token's vector kept as the original has it).")
-@click.option("--distill-time-budget-s", type=float, help="Stop distilling after this many seconds in all.")
-@click.option("--checkpoint-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Where recovery checkpoints go (default: the cache); a rerun resumes from them.")
-@click.option("--quant", type=click.Choice(["none", "w8a8", "w4a16", "fp8"]), default="none", show_default=True,
-              help="Quantize with llmcompressor into compressed-tensors (w8a8: SmoothQuant+GPTQ INT8; "
-              "w4a16: GPTQ INT4; fp8: FP8_DYNAMIC).")
-@click.option("--group-size", type=int, help="W4A16 group size (default: the largest of 128/64/32 that divides).")
-@click.option("--eval-text", multiple=True, help="Held-out text for the quality report. Repeatable.")
-@click.option("--eval-ood-text", multiple=True, help="Out-of-domain text for the quality report. Repeatable.")
-@click.option("--eval-prompt", "eval_prompts", multiple=True,
-              help="Prompt whose greedy continuation is compared with the original's (default: built-in facts).")
-@click.option("--eval-max-tokens", type=int, default=16384, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Precision for scoring and evaluation (weights are saved in the source dtype).")
-@click.option("--base-model", help="Hub id named as base_model in the model card (default: the source's).")
-@click.option("--license", "license", help="Licence id for the model card (default: carried from the source).")
+@field_option("out", "--out", "-o", type=OUTPUT)
+@field_option("revision")
+@field_option("calib")
+@field_option("text_field")
+@field_option("num_samples")
+@field_option("seq_len")
+@field_option("seed")
+@field_option("scorer")
+@field_option("target_params")
+@field_option("keep_heads")
+@field_option("keep_kv_heads")
+@field_option("keep_ffn")
+@field_option("drop_layers")
+@field_option("multiple_of")
+@field_option("max_candidates")
+@field_option("schedule")
+@field_option("prune_step")
+@field_option("recover", "--recover/--no-recover")
+@field_option("refit", "--refit/--no-refit")
+@field_option("refit_target")
+@field_option("distill_steps")
+@field_option("distill_lr")
+@field_option("distill_batch_size")
+@field_option("distill_seq_len")
+@field_option("distill_samples")
+@field_option("distill_temperature")
+@field_option("distill_hidden_weight")
+@field_option("distill_dtype")
+@field_option("distill_train_embeddings", "--distill-train-embeddings/--distill-freeze-embeddings")
+@field_option("distill_time_budget_s")
+@field_option("checkpoint_dir", type=click.Path(path_type=Path, file_okay=False))
+@field_option("quant")
+@field_option("group_size")
+@field_option("eval_text")
+@field_option("eval_ood_text")
+@field_option("eval_prompts", "--eval-prompt", "eval_prompts")
+@field_option("eval_max_tokens")
+@field_option("batch_size")
+@field_option("compute_dtype")
+@field_option("base_model")
+@field_option("license", "--license", "license")
 @overwrite_option("--out")
-@click.option("--trust-remote-code", is_flag=True, help="Allow models that need code from their repository.")
+@field_option("trust_remote_code", is_flag=True)
 @click.option("--push", "push_repo", metavar="REPO_ID", help="Push the output to this Hub repo when done.")
 @click.option("--push-revision", help="Branch to push to (default: see `serve-pruned push --help`).")
 @click.option("--push-tag", help="Tag the pushed commit.")
@@ -192,14 +167,14 @@ def package_cmd(model: str | None, recipe: Path | None, fmt: str, no_progress: b
 
         parse_repo_spec(push_repo)  # a bad repo id fails before minutes of packaging
     result = package(opts, log=info, progress=not no_progress, repo_id=push_repo)
-    report: dict[str, Any] = {"out": str(result.out), **result.manifest}
+    report: dict[str, Any] = {"out": str(result.out), **result.manifest.to_dict()}
     if push_repo:
         from serve_pruned.hub.transfer import push
 
         report["push"] = push(result.out, push_repo, revision=push_revision, tag=push_tag, token=token,
                               log=info).to_dict()
         info(f"pushed to {push_repo}@{report['push']['revision']} ({report['push']['commit_sha']})")
-    emit(report, fmt, _package_text)
+    emit(report, fmt, lambda _r: _package_text(result.out, result.manifest))
 
 
 def _explicit(ctx: click.Context) -> set[str]:

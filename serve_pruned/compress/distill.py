@@ -25,6 +25,11 @@ from typing import Any
 import torch
 
 from serve_pruned.atomic import atomic_write_text
+from serve_pruned.options import PackageOptions
+
+
+def _option_default(name: str) -> Any:
+    return PackageOptions.model_fields[name].default
 
 
 @dataclass(frozen=True)
@@ -48,17 +53,18 @@ class DistillSettings:
         seed: batch order.
     """
 
+    # the defaults `package` has are PackageOptions' (written once, there)
     steps: int
-    lr: float = 4e-4
-    batch_size: int = 4
-    temperature: float = 1.0
-    hidden_weight: float = 0.0
+    lr: float = _option_default("distill_lr")
+    batch_size: int = _option_default("distill_batch_size")
+    temperature: float = _option_default("distill_temperature")
+    hidden_weight: float = _option_default("distill_hidden_weight")
     warmup_steps: int = 10
     weight_decay: float = 0.0
     checkpoint_every: int = 25
-    train_embeddings: bool = True
-    dtype: str = "auto"
-    seed: int = 0
+    train_embeddings: bool = _option_default("distill_train_embeddings")
+    dtype: str = _option_default("distill_dtype")
+    seed: int = _option_default("seed")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from serve_pruned.compress.caches import generated_texts
 from serve_pruned.compress.data import calibration_samples, eval_tokens, fingerprint_sources
@@ -22,6 +21,7 @@ from serve_pruned.compress.steps import Loaded, Steps
 from serve_pruned.compress.timer import Timer
 from serve_pruned.compress.write import write_package
 from serve_pruned.errors import MissingExtraError
+from serve_pruned.manifest import Manifest
 from serve_pruned.options import PackageOptions
 
 Log = Callable[[str], None]
@@ -30,7 +30,7 @@ Log = Callable[[str], None]
 @dataclass
 class PackageResult:
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     timings: dict[str, float] = field(default_factory=dict)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from serve_pruned.compress.importance import Selection
-from serve_pruned.model.shapes import _RESIZE, Shape, split_layer_name
+from serve_pruned.model.shapes import RESIZE, Shape, split_layer_name
 
 
 def _channel_index(units: list[int], width: int) -> torch.Tensor:
@@ -40,8 +40,8 @@ def prune_state_dict(
                 "ffn": torch.tensor(sel.ffn[new], dtype=torch.long),
             }
         new_name = name.replace(f"layers.{old}.", f"layers.{new}.", 1)
-        if rest in _RESIZE:
-            axis, kind = _RESIZE[rest]
+        if rest in RESIZE:
+            axis, kind = RESIZE[rest]
             tensor = tensor.index_select(axis, index_cache[new][kind]).contiguous()
         out[new_name] = tensor
     return out

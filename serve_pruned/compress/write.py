@@ -17,7 +17,7 @@ from serve_pruned.compress.quality import Quality
 from serve_pruned.compress.quantize import QuantPlan
 from serve_pruned.compress.steps import Loaded, Pruned
 from serve_pruned.compress.timer import Timer
-from serve_pruned.manifest import PACKAGE_OWNER, write_manifest
+from serve_pruned.manifest import PACKAGE_OWNER, Manifest, write_manifest
 from serve_pruned.model.config import config_dtype
 
 Log = Callable[[str], None]
@@ -38,7 +38,7 @@ CARRY_PATTERNS = (
 
 
 def write_package(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Quality, timer: Timer, *,
-                  log: Log, repo_id: str | None) -> dict[str, Any]:
+                  log: Log, repo_id: str | None) -> Manifest:
     """Write the output folder (replacing an earlier one only once it is complete); returns its manifest."""
     import torch
 

@@ -32,7 +32,7 @@ from serve_pruned.errors import (
     ManifestError,
     ModelLoadError,
 )
-from serve_pruned.manifest import MANIFEST_NAME, PACKAGE_OWNER, read_manifest, verify_files
+from serve_pruned.manifest import MANIFEST_NAME, PACKAGE_OWNER, Manifest, read_manifest, verify_files
 
 Log = Callable[[str], None]
 
@@ -71,22 +71,23 @@ def parse_repo_spec(spec: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-def variant_id(manifest: dict[str, Any]) -> str:
+def variant_id(manifest: Manifest) -> str:
     """Identifies a compression variant: same source weights, kind, shape and dtype -> same id."""
+    quant = manifest.quantization
     key = {
-        "source": (manifest.get("source") or {}).get("fingerprint"),
-        "kind": manifest.get("kind"),
-        "shape": manifest.get("shape_after"),
-        "dtype": manifest.get("dtype"),
-        "quantization": manifest.get("quantization"),
+        "source": manifest.source.fingerprint,
+        "kind": manifest.kind,
+        "shape": manifest.shape_after,
+        "dtype": manifest.dtype,
+        "quantization": quant.model_dump(mode="json", exclude_unset=True) if quant is not None else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def variant_branch(manifest: dict[str, Any]) -> str:
+def variant_branch(manifest: Manifest) -> str:
     """A readable branch name for a variant, e.g. ``pruned-p73-1a2b3c4d5e``."""
-    pct = round(100 * float(manifest.get("params_fraction", 1.0)))
-    return f"{manifest.get('kind', 'variant')}-p{pct}-{variant_id(manifest)}"
+    pct = round(100 * manifest.params_fraction)
+    return f"{manifest.kind or 'variant'}-p{pct}-{variant_id(manifest)}"
 
 
 def _scrub(text: str, token: str | None) -> str:
@@ -143,7 +144,9 @@ def _api(token: str | None) -> Any:
     return HfApi(token=token or None)
 
 
-def _remote_manifest(api: Any, repo_id: str, revision: str) -> dict[str, Any] | None:
+def _remote_variant(api: Any, repo_id: str, revision: str) -> str | None:
+    """The variant id of what ``revision`` holds: None when it holds no manifest, ``"unreadable"`` when its
+    manifest cannot be read (never equal to a real id, so a push goes to a branch of its own)."""
     from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
     try:
@@ -151,9 +154,9 @@ def _remote_manifest(api: Any, repo_id: str, revision: str) -> dict[str, Any] | 
     except (EntryNotFoundError, RevisionNotFoundError):
         return None
     try:
-        return json.loads(Path(local).read_text())
-    except json.JSONDecodeError:
-        return {}
+        return variant_id(Manifest.parse(json.loads(Path(local).read_text()), where=f"{repo_id}@{revision}"))
+    except (json.JSONDecodeError, UnicodeDecodeError, ManifestError):
+        return "unreadable"
 
 
 def push(
@@ -181,8 +184,8 @@ def push(
         api.create_repo(repo_id, private=private, exist_ok=True)
         target = revision
         if target is None:
-            on_main = _remote_manifest(api, repo_id, "main")
-            if on_main is None or variant_id(on_main) == variant_id(manifest):
+            on_main = _remote_variant(api, repo_id, "main")
+            if on_main is None or on_main == variant_id(manifest):
                 target = "main"
             else:
                 target = variant_branch(manifest)
@@ -193,8 +196,8 @@ def push(
             api.create_branch(repo_id, branch=target, exist_ok=True)
             created = True
         summary = commit_message or (
-            f"serve-pruned: {manifest.get('kind', 'package')} of {(manifest.get('source') or {}).get('model')} "
-            f"({manifest.get('params_fraction', 1):.3f} of the parameters)")
+            f"serve-pruned: {manifest.kind or 'package'} of {manifest.source.model} "
+            f"({manifest.params_fraction:.3f} of the parameters)")
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=target,
                                  commit_message=summary, delete_patterns="*")
         if tag:
@@ -220,7 +223,7 @@ def pull(
         snapshot = Path(snapshot_download(repo_id, revision=revision, token=token or None))
     manifest = read_manifest(snapshot)
     commit = snapshot.name
-    names = [*manifest.get("files", {}), MANIFEST_NAME]
+    names = [*manifest.files, MANIFEST_NAME]
     with atomic_dir(dest, overwrite=overwrite, owner=PACKAGE_OWNER) as tmp:
         for rel in names:
             src = snapshot / rel

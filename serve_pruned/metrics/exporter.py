@@ -11,21 +11,24 @@ Collectors are registered on a registry passed in; nothing is registered at impo
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from serve_pruned.errors import ManifestError
+from serve_pruned.manifest import MANIFEST_NAME, Manifest, read_manifest
 from serve_pruned.metrics.vllm_metrics import DEFAULT_VERSION, MetricsFormatError, VllmSample, parse
+
+log = logging.getLogger(__name__)
 
 PREFIX = "serve_pruned"
 
@@ -48,14 +51,16 @@ class Target:
     name: str = ""
     pid: int | None = None
     gpu: str = "cpu"
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         self.name = self.name or self.url.split("://", 1)[-1]
-        path = Path(self.model_dir) / "serve_pruned.json"
-        if not self.manifest and path.is_file():
-            self.manifest = json.loads(path.read_text())
+        if self.manifest is None and (Path(self.model_dir) / MANIFEST_NAME).is_file():
+            try:
+                self.manifest = read_manifest(Path(self.model_dir))
+            except ManifestError as exc:  # the exporter keeps serving what vLLM and the machine report
+                log.warning("no manifest metrics for %s: %s", self.model_dir, exc)
 
     @property
     def model(self) -> str:
@@ -162,7 +167,7 @@ def scrape(target: Target, *, timeout: float) -> ScrapeResult:
     try:
         with urllib.request.urlopen(f"{target.url}/metrics", timeout=timeout) as r:
             text = r.read().decode("utf-8", errors="replace")
-        sample = parse(text, kv_bytes_per_token=target.manifest.get("kv_cache_bytes_per_token"),
+        sample = parse(text, kv_bytes_per_token=target.manifest.kv_cache_bytes_per_token if target.manifest else None,
                        version=DEFAULT_VERSION)
         return ScrapeResult(True, sample, time.perf_counter() - t)
     except MetricsFormatError as exc:  # reachable but unreadable: up, with no vLLM figures
@@ -234,8 +239,8 @@ class ExporterCollector(Collector):
             up.add_metric([t.name, t.model], 1.0 if r.up else 0.0)
             dur.add_metric([t.name], r.seconds)
             m = t.manifest
-            if m.get("weight_bytes") is not None:
-                mem.add_metric([t.name, t.model, "weights"], float(m["weight_bytes"]))
+            if m is not None:
+                mem.add_metric([t.name, t.model, "weights"], float(m.weight_bytes))
             if r.sample is not None:
                 s = r.sample
                 if s.kv_cache_bytes is not None:
@@ -256,13 +261,12 @@ class ExporterCollector(Collector):
             predicted = self.predicted_bytes(t)
             if predicted is not None:
                 pred.add_metric([t.name, t.model], float(predicted))
-            if t.model not in models_seen and m:
+            if t.model not in models_seen and m is not None:
                 models_seen.add(t.model)
-                ratio.add_metric([t.model], float(m.get("params_fraction", 1.0)))
-                if m.get("weight_bytes_before"):
-                    wratio.add_metric([t.model], m["weight_bytes"] / m["weight_bytes_before"])
-                q = (m.get("quantization") or {}).get("scheme", "none")
-                quant.add_metric([t.model, q, m.get("kind", "")], 1.0)
+                ratio.add_metric([t.model], m.params_fraction)
+                if m.weight_bytes_before:
+                    wratio.add_metric([t.model], m.weight_bytes / m.weight_bytes_before)
+                quant.add_metric([t.model, m.scheme, m.kind], 1.0)
         return [up, dur, mem, pred, meas, kvu, run, wait, ratio, wratio, quant]
 
     def _gpu_families(self, per_gpu: dict[str, list[tuple[Target, ScrapeResult]]]) -> list[GaugeMetricFamily]:

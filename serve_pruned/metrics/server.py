@@ -13,10 +13,12 @@ from prometheus_client.exposition import start_http_server
 
 from serve_pruned.errors import UsageError
 from serve_pruned.metrics.exporter import ExporterCollector, Target, load_targets, planner_for
+from serve_pruned.serving.memory import DEFAULT_CONCURRENCY, DEFAULT_MAX_MODEL_LEN
 
 
 def start_exporter(targets: Iterable[Target] | Callable[[], Iterable[Target]], *, host: str = "127.0.0.1",
-                   port: int = 9400, timeout: float = 2.0, max_model_len: int = 2048, concurrency: int = 16,
+                   port: int = 9400, timeout: float = 2.0, max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+                   concurrency: int = DEFAULT_CONCURRENCY,
                    device: str = "cpu") -> tuple[Any, CollectorRegistry]:
     """Start the /metrics endpoint in a daemon thread; returns (server, registry)."""
     registry = CollectorRegistry(auto_describe=False)

@@ -19,7 +19,7 @@ LAYER_RE = re.compile(r"^(?P<prefix>.*\blayers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 # How each per-layer tensor resizes: (axis, what its size along that axis counts).
 #   "q"   -> num_heads * head_dim,  "kv" -> num_kv_heads * head_dim,  "ffn" -> intermediate_size.
 # Tensors not listed keep their shape (norms, o_proj/down_proj biases, Qwen3 q_norm/k_norm).
-_RESIZE: dict[str, tuple[int, str]] = {
+RESIZE: dict[str, tuple[int, str]] = {
     "self_attn.q_proj.weight": (0, "q"),
     "self_attn.q_proj.bias": (0, "q"),
     "self_attn.k_proj.weight": (0, "kv"),
@@ -104,13 +104,13 @@ def resized(name: str, shape: tuple[int, ...], before: Shape, after: Shape) -> t
     rest = parts[1]
     if rest in _KEPT_WHOLE:
         return shape
-    if rest not in _RESIZE:
+    if rest not in RESIZE:
         raise ModelLoadError(
             f"tensor {name} is not part of a Llama-family decoder layer; cannot prune this model",
             path=name,
             hint="only the architectures in the README support table can be pruned",
         )
-    axis, kind = _RESIZE[rest]
+    axis, kind = RESIZE[rest]
     if shape[axis] != before.size(kind):
         raise ModelLoadError(
             f"tensor {name} has size {shape[axis]} on axis {axis}, config.json implies {before.size(kind)}",

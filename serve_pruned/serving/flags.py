@@ -1,7 +1,7 @@
 """The one table from option names to vLLM's command-line flags (local serving and Kubernetes).
 
 ``serve`` (``VLLMServer.command``), the planner (``memory.plan``) and the Kubernetes manifests
-(``serve_pruned.manifests``) all spell vLLM's flags through this table, so a flag renamed by a vLLM
+(``serve_pruned.kube``) all spell vLLM's flags through this table, so a flag renamed by a vLLM
 release is changed in one place.
 """
 

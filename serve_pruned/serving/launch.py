@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_pruned.cache import cache_root
+from serve_pruned.cache import pulled_dir
 from serve_pruned.errors import UsageError, VLLMStartError
+from serve_pruned.manifest import MANIFEST_NAME
 from serve_pruned.model.config import read_config
-from serve_pruned.serving.memory import ModelFootprint, Plan, plan
+from serve_pruned.serving.memory import DEFAULT_CONCURRENCY, DEFAULT_MAX_MODEL_LEN, ModelFootprint, Plan, plan
 from serve_pruned.serving.vllm import VLLMServer, find_serve_python, port_free, serve_dtype
 
 Log = Callable[[str], None]
@@ -31,8 +32,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     device: str = "cpu"
     gpu: str | None = None
-    max_model_len: int = 2048
-    concurrency: int = 16
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    concurrency: int = DEFAULT_CONCURRENCY
     serve_python: str | None = None
     startup_timeout: float = 600.0
     metrics_port: int | None = None
@@ -61,8 +62,8 @@ def resolve_model_dir(spec: str, *, token: str | None = None, log: Log = lambda 
     from serve_pruned.hub.transfer import parse_repo_spec, pull
 
     repo_id, revision = parse_repo_spec(spec)
-    dest = cache_root() / "pulled" / f"{repo_id.replace('/', '--')}@{revision or 'main'}"
-    if not (dest / "serve_pruned.json").is_file():
+    dest = pulled_dir(repo_id, revision)
+    if not (dest / MANIFEST_NAME).is_file():
         pull(spec, dest, token=token, overwrite=True, log=log)
     return dest
 

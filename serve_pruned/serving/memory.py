@@ -33,6 +33,9 @@ from serve_pruned.serving.flags import VLLM_FLAGS
 
 GIB = 1 << 30
 MIB = 1 << 20
+# What an instance is sized for unless told otherwise: vLLM's --max-model-len and --max-num-seqs.
+DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_CONCURRENCY = 16
 # --gpu-memory-utilization is emitted in steps of 0.0001 (8 MiB of an 80 GB GPU), rounded up so each
 # instance's share covers its bytes; coarser steps (0.01) cost instances: 31 SmolLM2 instances of 2.41 GiB
 # fit an H100 by bytes, but 31 shares of 0.04 exceed the GPU.
@@ -133,17 +136,12 @@ class ModelFootprint:
             raise ManifestError(exc.message, path=str(path), hint=exc.hint) from exc
         if (path / MANIFEST_NAME).is_file():
             m = read_manifest(path)
-            try:
-                before, after = m["shape_before"], m["shape_after"]
-                original = cls(name=f"{m['source']['model']} (original)", weight_bytes=m["weight_bytes_before"],
-                               kv_bytes_per_token=m["kv_cache_bytes_per_token_before"], hidden_size=hidden,
-                               intermediate_size=before["intermediate_size"], vocab_size=vocab)
-                return cls(name=str(path), weight_bytes=m["weight_bytes"],
-                           kv_bytes_per_token=m["kv_cache_bytes_per_token"], hidden_size=hidden,
-                           intermediate_size=after["intermediate_size"], vocab_size=vocab, original=original)
-            except (KeyError, TypeError) as exc:
-                raise ManifestError(f"{path / MANIFEST_NAME} lacks the sizes the planner needs ({exc})",
-                                    path=str(path), hint="re-package the model with serve-pruned package") from exc
+            original = cls(name=f"{m.source.model} (original)", weight_bytes=m.weight_bytes_before,
+                           kv_bytes_per_token=m.kv_cache_bytes_per_token_before, hidden_size=hidden,
+                           intermediate_size=m.shape_before["intermediate_size"], vocab_size=vocab)
+            return cls(name=str(path), weight_bytes=m.weight_bytes, kv_bytes_per_token=m.kv_cache_bytes_per_token,
+                       hidden_size=hidden, intermediate_size=m.shape_after["intermediate_size"], vocab_size=vocab,
+                       original=original)
         src = inspect_folder(path)
         shape = Shape.from_config(cfg)
         return cls(name=str(path), weight_bytes=sum(t.nbytes for t in src.tensors.values()),

@@ -28,6 +28,7 @@ from typing import Any
 from serve_pruned.errors import ServingEnvironmentError, VLLMStartError
 from serve_pruned.model.config import config_dtype
 from serve_pruned.serving.flags import vllm_args
+from serve_pruned.serving.memory import DEFAULT_MAX_MODEL_LEN
 
 SERVE_PYTHON_ENV = "SERVE_PRUNED_SERVE_PYTHON"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +122,7 @@ class VLLMServer:
     serve_python: Path | None = None
     log_path: Path | None = None
     dtype: str = "bfloat16"
-    max_model_len: int = 2048
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
     proc: subprocess.Popen | None = None
     _scratch: Path | None = field(default=None, init=False, repr=False)
     _failed: bool = field(default=False, init=False, repr=False)

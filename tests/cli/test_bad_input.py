@@ -352,7 +352,7 @@ def test_dashboard_into_a_missing_folder_and_over_its_own_file(ws):
 
 def test_package_replaces_its_own_earlier_output_with_overwrite(ws):
     before = tree(ws.pkg)
-    argv = ws.fill(PKG_INTO_EARLIER + " --keep-ffn 96").split()
+    argv = ws.fill(PKG_INTO_EARLIER + " --keep-ffn 96 --no-recover").split()
     code, _, stderr = invoke(argv)
     assert code == 0, stderr
     assert tree(ws.pkg) != before

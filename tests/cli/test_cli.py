@@ -54,7 +54,7 @@ def packaged(tiny_models, text_files, tmp_path_factory):
 
 def test_package_json_report_and_manifest(packaged):
     out, report = packaged
-    manifest = read_manifest(out)
+    manifest = read_manifest(out).to_dict()
     assert report["out"] == str(out.resolve())
     assert manifest["params_after"] <= 0.8 * manifest["params_before"]
     assert manifest["params_after"] == report["params_after"]
@@ -72,7 +72,7 @@ def test_package_json_report_and_manifest(packaged):
     assert [s["distill"]["steps"] for s in rec["steps"]] == [2, 2]
     fractions = [s["fraction"] for s in rec["steps"]]
     assert fractions[0] > fractions[1] and fractions[1] <= 0.8
-    assert verify_files(out, manifest) == []
+    assert verify_files(out, read_manifest(out)) == []
     assert manifest["weight_bytes"] == (out / "model.safetensors").stat().st_size
     assert manifest["tool_versions"]["torch"] and manifest["source"]["fingerprint"]
     cfg = json.loads((out / "config.json").read_text())
@@ -103,14 +103,14 @@ def test_activation_and_obs_statistics_are_cached_apart(packaged, tiny_models, t
     not need, so activation (auto without recovery) makes and caches its own."""
     args = ["package", str(tiny_models["llama"]), "--calib", str(text_files["calib"]), "--num-samples", "8",
             "--seq-len", "64", "--keep-ffn", "128", "--multiple-of", "32", "--no-recover", "--no-progress"]
-    assert read_manifest(packaged[0])["pruning"]["scorer"] == "obs"
+    assert read_manifest(packaged[0]).pruning["scorer"] == "obs"
     cache = {"SERVE_PRUNED_CACHE": str(tmp_path / "cache")}  # its own: no other test's statistics in it
     obs = run(*args, "--scorer", "obs", "--out", str(tmp_path / "o"), env=cache)
     assert obs.returncode == 0, obs.stderr
     first = run(*args, "--out", str(tmp_path / "a"), env=cache)
     assert first.returncode == 0, first.stderr
     assert "importance statistics: reusing" not in first.stderr
-    assert read_manifest(tmp_path / "a")["pruning"]["scorer"] == "activation"
+    assert read_manifest(tmp_path / "a").pruning["scorer"] == "activation"
     second = run(*args, "--out", str(tmp_path / "b"), env=cache)
     assert second.returncode == 0, second.stderr
     assert "importance statistics: reusing" in second.stderr

@@ -42,9 +42,9 @@ def earlier(tiny_models, text_files, tmp_path_factory) -> Path:
     return package(opts, progress=False).out
 
 
-def _args(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
+def _args(model: Path, out: Path, calib: Path, *extra: str, distill_steps: int = 2) -> list[str]:
     return ["package", str(model), "--out", str(out), "--overwrite", "--calib", str(calib), "--num-samples", "4",
-            "--seq-len", "32", "--multiple-of", "32", "--target-params", "0.8", "--distill-steps", "400",
+            "--seq-len", "32", "--multiple-of", "32", "--target-params", "0.8", "--distill-steps", str(distill_steps),
             "--distill-samples", "16", "--distill-seq-len", "32", *extra]
 
 
@@ -101,9 +101,8 @@ def test_kill_of_the_console_script(stage, earlier, tiny_models, text_files, tmp
     shutil.copytree(earlier, out)
     before = tree(out)
     cache = tmp_path / "cache"
-    args = _args(tiny_models["llama"], out, text_files["calib"], "--no-progress", "--quant", "w8a8")
-    if stage == "quantizing":
-        args[args.index("--distill-steps") + 1] = "0"
+    args = _args(tiny_models["llama"], out, text_files["calib"], "--no-progress", "--quant", "w8a8",
+                 distill_steps=400 if stage == "distillation" else 0)
     env = {**os.environ, "SERVE_PRUNED_CACHE": str(cache)}
     proc = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -24,7 +24,7 @@ def _opts(tiny_models, text_files, out, ckpt):
 
 def test_interrupted_run_resumes_after_the_last_finished_step(tiny_models, text_files, tmp_path, monkeypatch):
     straight = package(_opts(tiny_models, text_files, tmp_path / "straight", tmp_path / "ck1"), progress=False)
-    assert [s["step"] for s in straight.manifest["recovery"]["steps"]] == [1, 2]
+    assert [s["step"] for s in straight.manifest.to_dict()["recovery"]["steps"]] == [1, 2]
     assert not (tmp_path / "ck1").exists()  # checkpoints are removed once the output is complete
 
     real = distill_mod.distill
@@ -46,8 +46,8 @@ def test_interrupted_run_resumes_after_the_last_finished_step(tiny_models, text_
     resumed = package(_opts(tiny_models, text_files, tmp_path / "resumed", tmp_path / "ck2"), progress=False,
                       log=logs.append)
     assert any("step 1/2: done in an earlier run" in m for m in logs)
-    assert resumed.manifest["recovery"]["steps"][0]["resumed"] is True
-    assert resumed.manifest["shape_after"] == straight.manifest["shape_after"]
+    assert resumed.manifest.to_dict()["recovery"]["steps"][0]["resumed"] is True
+    assert resumed.manifest.to_dict()["shape_after"] == straight.manifest.to_dict()["shape_after"]
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].float().allclose(b[k].float(), atol=1e-2) for k in a)

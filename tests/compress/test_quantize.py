@@ -54,7 +54,7 @@ def test_quantized_package_is_compressed_tensors(scheme, tiny_models, text_files
     opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / scheme, keep_ffn=128, multiple_of=32,
                           quant=scheme, calib=(str(text_files["calib"]),), num_samples=8, seq_len=64,
                           eval_text=(str(text_files["eval"]),), eval_max_tokens=512, recover=False)
-    m = package(opts, progress=False).manifest
+    m = package(opts, progress=False).manifest.to_dict()
     cfg = json.loads((tmp_path / scheme / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
     assert cfg["intermediate_size"] == 128 and cfg["head_dim"] == 32

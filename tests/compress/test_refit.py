@@ -88,7 +88,7 @@ def test_package_refits_with_the_chosen_target(target, tiny_models, text_files, 
 
     opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "out", calib=(str(text_files["calib"]),),
                           num_samples=8, seq_len=32, keep_ffn=128, distill_steps=0, refit_target=target)
-    m = package(opts, progress=False).manifest
+    m = package(opts, progress=False).manifest.to_dict()
     refit_report = m["recovery"]["steps"][-1]["refit"]
     assert m["options"]["refit_target"] == target
     assert refit_report["mlp_rel_error_after"] < refit_report["mlp_rel_error_before"]
@@ -110,7 +110,7 @@ def test_stream_refit_runs_the_original_layers_that_were_dropped(tiny_models, to
         opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / name, calib=(str(text_files["calib"]),),
                               num_samples=8, seq_len=32, drop_layers=1, keep_ffn=192, distill_steps=0,
                               refit=refit_on, refit_target="stream")
-        outs[name] = package(opts, progress=False).manifest
+        outs[name] = package(opts, progress=False).manifest.to_dict()
     kept = outs["stream"]["pruning"]["kept_layers"]
     assert len(kept) == outs["stream"]["shape_before"]["num_layers"] - 1 and kept != list(range(len(kept)))
     original = load_model(tiny_models["llama"], dtype="float32", trust_remote_code=False)

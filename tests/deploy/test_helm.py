@@ -13,10 +13,10 @@ import yaml
 from click.testing import CliRunner
 
 from serve_pruned.cli.main import cli
-from serve_pruned.manifests import build
-from serve_pruned.manifests.checks import check
-from serve_pruned.manifests.kustomize import OVERLAYS
-from serve_pruned.manifests.spec import DeploySpec
+from serve_pruned.kube import build
+from serve_pruned.kube.checks import check
+from serve_pruned.kube.kustomize import OVERLAYS
+from serve_pruned.kube.spec import DeploySpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "serve-pruned"
@@ -66,7 +66,7 @@ def _key(o):
 
 def values_for(args: list[str], tmp_path: Path) -> dict:
     r = CliRunner().invoke(cli, ["deploy", "render", *args, *EXAMPLE, "-o", "-", "--values-out",
-                                 str(tmp_path / "values.yaml")])
+                                 str(tmp_path / "values.yaml"), "--overwrite"])
     assert r.exit_code == 0, r.output
     return yaml.safe_load((tmp_path / "values.yaml").read_text())
 

@@ -16,8 +16,8 @@ import yaml
 from click.testing import CliRunner
 
 from serve_pruned.cli.main import cli
-from serve_pruned.manifests.checks import check
-from serve_pruned.manifests.kustomize import OVERLAYS
+from serve_pruned.kube.checks import check
+from serve_pruned.kube.kustomize import OVERLAYS
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"

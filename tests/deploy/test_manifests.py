@@ -1,4 +1,4 @@
-"""serve_pruned.manifests: the typed spec, the objects built from it, our own checks, and `deploy` (fast)."""
+"""serve_pruned.kube: the typed spec, the objects built from it, our own checks, and `deploy` (fast)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pydantic import ValidationError
 
 from serve_pruned.cli.main import cli
 from serve_pruned.errors import KubectlError
-from serve_pruned.manifests import build, check, from_plan
-from serve_pruned.manifests.apply import apply
-from serve_pruned.manifests.spec import DeploySpec, Images, ModelRef
+from serve_pruned.kube import build, check, from_plan
+from serve_pruned.kube.apply import apply
+from serve_pruned.kube.spec import DeploySpec, Images, ModelRef
 from serve_pruned.serving.flags import VLLM_FLAGS, vllm_args
 from serve_pruned.serving.memory import gpu, plan
 

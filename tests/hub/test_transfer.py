@@ -82,14 +82,14 @@ def test_a_different_variant_never_replaces_main_silently(hub, variants, tmp_pat
     assert "holds a different model" in second.stderr
     refs = hub.refs(REPO)["branches"]
     assert refs["main"] == first["commit_sha"] and refs[b["revision"]] == b["commit_sha"]
-    assert json.loads(hub.files(REPO, "main")[MANIFEST_NAME]) == read_manifest(variants["a"])
-    assert json.loads(hub.files(REPO, b["revision"])[MANIFEST_NAME]) == read_manifest(variants["b"])
+    assert json.loads(hub.files(REPO, "main")[MANIFEST_NAME]) == read_manifest(variants["a"]).to_dict()
+    assert json.loads(hub.files(REPO, b["revision"])[MANIFEST_NAME]) == read_manifest(variants["b"]).to_dict()
     again = json.loads(cli(hub, home, "push", str(variants["a"]), REPO, "--format", "json").stdout)
     assert again["revision"] == "main"  # the same variant updates main
     forced = json.loads(cli(hub, home, "push", str(variants["b"]), REPO, "--revision", "main", "--format",
                             "json").stdout)
     assert forced["revision"] == "main"
-    assert json.loads(hub.files(REPO, "main")[MANIFEST_NAME]) == read_manifest(variants["b"])
+    assert json.loads(hub.files(REPO, "main")[MANIFEST_NAME]) == read_manifest(variants["b"]).to_dict()
     assert set(hub.files(REPO, "main")) - {".gitattributes"} == set(sha_tree(variants["b"]))
 
 
@@ -125,7 +125,7 @@ def test_upload_that_keeps_failing_leaves_no_half_written_revision(hub, variants
     assert first.returncode == 0 and push.returncode == 1
     assert len(errors(push)) == 1 and "could not push to" in errors(push)[0]
     assert hub.refs(REPO)["branches"]["main"] == before
-    assert json.loads(hub.files(REPO, "main")[MANIFEST_NAME]) == read_manifest(variants["a"])
+    assert json.loads(hub.files(REPO, "main")[MANIFEST_NAME]) == read_manifest(variants["a"]).to_dict()
 
 
 def test_wrong_token_names_hf_token_and_is_never_printed(hub, variants, tmp_path):
@@ -283,3 +283,22 @@ def test_sigterm_during_pull_keeps_the_earlier_copy(stage, hub_env, variants, tm
         "interrupted (SIGTERM); earlier output is untouched and nothing half-written is left"]
     assert sha_tree(dest) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf_home") == ["dest"]
+
+
+def test_a_format_1_package_pushes_pulls_and_plans(hub, variants, tmp_path):
+    """A package written by the previous release (serve_pruned.json format 1) still pushes, pulls (verified)
+    and plans."""
+    from test_manifest import as_format_1
+
+    old = tmp_path / "old"
+    shutil.copytree(variants["a"], old)
+    as_format_1(old)
+    home = tmp_path / "home"
+    assert cli(hub, home, "push", str(old), "alice/old-format", "--tag", "v1").returncode == 0
+    pull = cli(hub, home, "pull", "alice/old-format@v1", str(tmp_path / "pulled"))
+    assert pull.returncode == 0, pull.stderr
+    assert sha_tree(tmp_path / "pulled") == sha_tree(old)
+    assert read_manifest(tmp_path / "pulled").format_version == 1
+    plan = cli(hub, home, "plan", str(tmp_path / "pulled"), "--gpu", "L4", "--format", "json")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["max_instances"] >= 1

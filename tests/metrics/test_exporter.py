@@ -91,9 +91,13 @@ def _get(series, name, **labels):
 def _manifest_dir(tmp_path: Path, name: str) -> Path:
     d = tmp_path / name
     d.mkdir()
+    shape = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64}
     (d / "serve_pruned.json").write_text(json.dumps({
-        "format_version": 1, "kind": "pruned-quantized", "weight_bytes": 126_000_000,
-        "weight_bytes_before": 269_000_000, "params_fraction": 0.729, "kv_cache_bytes_per_token": 23_040,
+        "format_version": 1, "kind": "pruned-quantized", "created_by": "serve-pruned 0.1.0",
+        "source": {"model": "smollm2"}, "shape_before": {**shape, "intermediate_size": 1536},
+        "shape_after": {**shape, "intermediate_size": 832}, "params_before": 134_515_008, "params_after": 98_019_648,
+        "weight_bytes": 126_000_000, "weight_bytes_before": 269_000_000, "params_fraction": 0.729,
+        "kv_cache_bytes_per_token": 23_040, "kv_cache_bytes_per_token_before": 23_040,
         "quantization": {"scheme": "w8a8"}}))
     return d
 

@@ -79,10 +79,20 @@ def test_vllm_start_failure_reports_the_reason_from_its_log(tiny_models, tmp_pat
 
 
 @pytest.mark.vllm
-def test_a_clean_stop_leaves_no_vllm_log_behind(tiny_models):
-    """vLLM's output goes to a temp file while it runs (a failure names it); a clean stop removes it."""
+def test_a_clean_stop_leaves_no_vllm_log_behind(tiny_models, text_files, tmp_path):
+    """vLLM's output goes to a temp file while it runs (a failure names it); a clean stop removes it. The package
+    served carries a manifest as the previous release wrote it (format 1): it still serves."""
+    from test_manifest import as_format_1
+
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    out = package(PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "p", keep_ffn=128, multiple_of=32,
+                                 calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False),
+                  progress=False).out
+    as_format_1(out)
     tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: vLLM puts unix sockets in it (107 bytes at most)
-    proc = serve(str(tiny_models["llama"]), "--port", str(free_port()), "--max-model-len", "256", "--prompt", "The",
+    proc = serve(str(out), "--port", str(free_port()), "--max-model-len", "256", "--prompt", "The",
                  "--format", "json", env={"TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr
     (instance,) = json.loads(proc.stdout)["instances"]

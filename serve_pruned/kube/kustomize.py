@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from serve_pruned.atomic import Owner, atomic_dir, write_output_file
-from serve_pruned.manifests.build import Obj, dump, file_name
-from serve_pruned.manifests.spec import DeploySpec
+from serve_pruned.kube.build import Obj, dump, file_name
+from serve_pruned.kube.spec import DeploySpec
 
 # The examples under k8s/overlays, as `deploy render` options (the guides show the same lines).
 OVERLAYS: dict[str, list[str]] = {

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from serve_pruned.errors import ManifestError
-from serve_pruned.manifests.spec import MODELS_MOUNT, DeploySpec
+from serve_pruned.kube.spec import MODELS_MOUNT, DeploySpec
 from serve_pruned.serving.flags import vllm_args
 
 Obj = dict[str, Any]

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from serve_pruned.errors import ManifestCheckError, UsageError
-from serve_pruned.manifests.build import ANNOTATION
-from serve_pruned.manifests.spec import image_is_pinned, revision_is_pinned
+from serve_pruned.kube.build import ANNOTATION
+from serve_pruned.kube.spec import image_is_pinned, revision_is_pinned
 from serve_pruned.serving.flags import VLLM_FLAGS
 from serve_pruned.serving.memory import BACKENDS, gpu
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from serve_pruned.errors import KubectlError
-from serve_pruned.manifests.build import Obj, dump
+from serve_pruned.kube.build import Obj, dump
 
 FIELD_MANAGER = "serve-pruned"
 _UNREACHABLE = re.compile(r"(unable to connect to the server|connection refused|no such host|i/o timeout|"
@@ -47,12 +47,13 @@ def find_kubectl(explicit: str | None = None) -> str:
     return path
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
+    """kubectl's verdict: the last non-empty line (its errors and rollout status come last)."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1][:300] if lines else "no output"
 
 
-def _run(runner: Runner, argv: list[str], *, input: str | None = None, timeout: float | None = None,
+def run_kubectl(runner: Runner, argv: list[str], *, input: str | None = None, timeout: float | None = None,
          what: str) -> str:
     try:
         proc = runner(argv, input=input, timeout=timeout)
@@ -65,11 +66,11 @@ def _run(runner: Runner, argv: list[str], *, input: str | None = None, timeout: 
     if proc.returncode != 0:
         err = proc.stderr or proc.stdout
         if _UNREACHABLE.search(err):
-            raise KubectlError(f"no Kubernetes cluster reachable: {_first_line(err)}", argv=argv,
+            raise KubectlError(f"no Kubernetes cluster reachable: {_last_line(err)}", argv=argv,
                                returncode=proc.returncode,
                                hint="check `kubectl config current-context` and KUBECONFIG, or create a cluster "
                                     "(docs/deploy-kind.md)")
-        raise KubectlError(f"{what} failed: {_first_line(err)}", argv=argv, returncode=proc.returncode,
+        raise KubectlError(f"{what} failed: {_last_line(err)}", argv=argv, returncode=proc.returncode,
                            hint="fix the objects or your permissions; rerun with --dry-run server to check first")
     return proc.stdout
 
@@ -82,7 +83,7 @@ def apply(objs: list[Obj], *, kubectl: str = "kubectl", runner: Runner = subproc
     argv = [*base, "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-"]
     if dry_run:
         argv.append("--dry-run=server")
-    out = _run(runner, argv, input=dump(objs), timeout=120, what="kubectl apply")
+    out = run_kubectl(runner, argv, input=dump(objs), timeout=120, what="kubectl apply")
     result = ApplyResult(applied=[ln.strip() for ln in out.splitlines() if ln.strip()], dry_run=dry_run)
     for line in result.applied:
         log(line)
@@ -94,7 +95,7 @@ def apply(objs: list[Obj], *, kubectl: str = "kubectl", runner: Runner = subproc
         ref = f"deployment/{o['metadata']['name']}"
         ns = o["metadata"].get("namespace", "default")
         log(f"waiting for {ref} in {ns} (model pull and load can take minutes)")
-        status = _run(runner, [*base, "rollout", "status", ref, "-n", ns, f"--timeout={int(timeout_s)}s"],
+        status = run_kubectl(runner, [*base, "rollout", "status", ref, "-n", ns, f"--timeout={int(timeout_s)}s"],
                       timeout=timeout_s + 30, what=f"rollout of {ref}")
-        result.rollouts[f"{ns}/{ref}"] = _first_line(status)
+        result.rollouts[f"{ns}/{ref}"] = _last_line(status)
     return result

