@@ -9,7 +9,7 @@ cannot work are rejected with the field named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -192,14 +192,14 @@ _RANGE_HINTS = {
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
-def _range_hint(field: str, ctx: dict[str, Any]) -> str | None:
+def _range_hint(cls: type[BaseModel], field: str, ctx: dict[str, Any]) -> str | None:
     """``pass a value >= 1 (default 64)``, from pydantic's error context and the field's default."""
     if field in _RANGE_HINTS:
         return _RANGE_HINTS[field]
     bounds = " and ".join(f"{op} {ctx[k]}" for k, op in _BOUNDS.items() if k in ctx)
     if not bounds:
         return None
-    info = PackageOptions.model_fields.get(field)
+    info = cls.model_fields.get(field)
     default = info.default if info is not None else None
     return f"pass a value {bounds}" + (f" (default {default})" if default not in (None, ()) else "")
 
@@ -228,24 +228,31 @@ def load_recipe(path: Path) -> dict[str, Any]:
 
 
 def build_options(values: dict[str, Any], *, origins: dict[str, str] | None = None) -> PackageOptions:
-    """Validate ``values`` into :class:`PackageOptions`, turning pydantic's errors into one
-    :class:`OptionError` that names the field and where it came from (``origins``: field -> the
-    recipe file or the flag that set it)."""
+    """Validate ``values`` into :class:`PackageOptions` (see :func:`validated`)."""
+    return validated(PackageOptions, values, origins=origins)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(cls: type[M], values: dict[str, Any], *, origins: dict[str, str] | None = None) -> M:
+    """Validate ``values`` into ``cls``, turning pydantic's errors into one :class:`OptionError` that names the
+    field, where it came from (``origins``: field -> the recipe file or the flag that set it) and what to pass."""
     origins = origins or {}
-    fields = PackageOptions.model_fields
+    fields = cls.model_fields
     for k in values:
         if k not in fields:
             close = [f for f in fields if f.startswith(k[:4])][:3]
-            hint = f"did you mean {' or '.join(close)}?" if close else "see `serve-pruned package --help`"
+            hint = f"did you mean {' or '.join(close)}?" if close else "see the command's --help"
             raise OptionError("unknown key", field=k, source=origins.get(k), hint=hint)
     try:
-        return PackageOptions(**values)
+        return cls(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
         if loc:
-            what_to_do = _range_hint(loc, dict(err.get("ctx") or {}))
+            what_to_do = _range_hint(cls, loc, dict(err.get("ctx") or {}))
             msg += f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
         else:  # a rule across fields: its message starts with the field it is about
             loc, _, msg = msg.partition(": ") if ": " in msg else ("options", "", msg)

@@ -55,6 +55,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -
             for i, arch in enumerate(("llama", "mistral", "qwen2", "qwen3"))}
 
 
+@pytest.fixture(scope="session")
+def earlier_package(tiny_models: dict[str, Path], text_files: dict[str, Path],
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real `package` output of the tiny Llama (FFN 128, no recovery): what --overwrite may replace."""
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    out = tmp_path_factory.mktemp("earlier") / "pkg"
+    opts = PackageOptions(model=str(tiny_models["llama"]), out=out, keep_ffn=128, multiple_of=32,
+                          calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False)
+    return package(opts, progress=False).out
+
+
 def python_docs() -> Path | None:
     for d in sorted(Path("/usr/share/doc").glob("python3*/html/_sources")):
         if (d / "tutorial").is_dir():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from pydantic import BaseModel
 
 from serve_pruned.errors import ServePrunedError
 from serve_pruned.serving.memory import DEFAULT_CONCURRENCY, DEFAULT_MAX_MODEL_LEN
@@ -160,29 +161,36 @@ def overwrite_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., 
              "(only once the new output is complete; anything else is never replaced).")
 
 
-def field_option(name: str, *decls: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A `package` flag whose default, help and choices come from ``PackageOptions`` (written once, there).
+def field_option(cls: type[BaseModel], name: str, *decls: str,
+                 **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A flag whose default, help and choices come from the options model ``cls`` (written once, there).
 
-    ``decls`` default to ``--name-with-dashes``; a bool field needs ``--x/--no-x`` decls; a tuple field
-    is a repeatable option. Range checks stay in the model, so a recipe and a flag are refused alike.
+    ``decls`` default to ``--name-with-dashes``; a bool field is a flag (``--x/--no-x`` when given so); a tuple
+    field is a repeatable option. Range checks stay in the model, so a recipe and a flag are refused alike.
     """
     import types
     import typing
 
-    from serve_pruned.options import PackageOptions
-
-    info = PackageOptions.model_fields[name]
+    info = cls.model_fields[name]
     args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
-    inner = args[0] if isinstance(info.annotation, types.UnionType) and len(args) == 1 else info.annotation
+    optional = typing.get_origin(info.annotation) in (typing.Union, types.UnionType)
+    inner = args[0] if optional and len(args) == 1 else info.annotation
     if typing.get_origin(inner) is typing.Literal:
         kw.setdefault("type", click.Choice(list(typing.get_args(inner))))
     elif typing.get_origin(inner) is tuple:
         kw.setdefault("multiple", True)
     elif inner in (int, float):
         kw.setdefault("type", inner)
+    elif inner is bool and not any("/" in d for d in decls):
+        kw.setdefault("is_flag", True)
     if not kw.get("multiple") and not info.is_required() and info.default is not None:
         kw.setdefault("default", info.default)
-        kw.setdefault("show_default", True)
+        kw.setdefault("show_default", not kw.get("is_flag"))
     if info.description:
         kw.setdefault("help", info.description)
     return click.option(*(decls or (f"--{name.replace('_', '-')}",)), **kw)
+
+
+def flag_origins(ctx: click.Context, values: dict[str, Any]) -> dict[str, str]:
+    """field -> the flag that set it, for error messages that name the flag."""
+    return {p.name: p.opts[0] for p in ctx.command.params if p.name in values and p.opts}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -26,9 +27,13 @@ from serve_pruned.cli.common import (
     token_option,
 )
 from serve_pruned.cli.deploy import deploy_group
+from serve_pruned.options import PackageOptions
 
 if TYPE_CHECKING:
     from serve_pruned.manifest import Manifest
+
+
+package_option = functools.partial(field_option, PackageOptions)
 
 
 @click.group("serve-pruned", cls=Root,
@@ -94,49 +99,49 @@ def _package_text(out: Path, m: Manifest) -> str:
 @click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False),
               help="YAML recipe with any of these options as keys (target_params: 0.75 ...); flags override it. "
               "Examples in packaging/recipes/.")
-@field_option("out", "--out", "-o", type=OUTPUT)
-@field_option("revision")
-@field_option("calib")
-@field_option("text_field")
-@field_option("num_samples")
-@field_option("seq_len")
-@field_option("seed")
-@field_option("scorer")
-@field_option("target_params")
-@field_option("keep_heads")
-@field_option("keep_kv_heads")
-@field_option("keep_ffn")
-@field_option("drop_layers")
-@field_option("multiple_of")
-@field_option("max_candidates")
-@field_option("schedule")
-@field_option("prune_step")
-@field_option("recover", "--recover/--no-recover")
-@field_option("refit", "--refit/--no-refit")
-@field_option("refit_target")
-@field_option("distill_steps")
-@field_option("distill_lr")
-@field_option("distill_batch_size")
-@field_option("distill_seq_len")
-@field_option("distill_samples")
-@field_option("distill_temperature")
-@field_option("distill_hidden_weight")
-@field_option("distill_dtype")
-@field_option("distill_train_embeddings", "--distill-train-embeddings/--distill-freeze-embeddings")
-@field_option("distill_time_budget_s")
-@field_option("checkpoint_dir", type=click.Path(path_type=Path, file_okay=False))
-@field_option("quant")
-@field_option("group_size")
-@field_option("eval_text")
-@field_option("eval_ood_text")
-@field_option("eval_prompts", "--eval-prompt", "eval_prompts")
-@field_option("eval_max_tokens")
-@field_option("batch_size")
-@field_option("compute_dtype")
-@field_option("base_model")
-@field_option("license", "--license", "license")
+@package_option("out", "--out", "-o", type=OUTPUT)
+@package_option("revision")
+@package_option("calib")
+@package_option("text_field")
+@package_option("num_samples")
+@package_option("seq_len")
+@package_option("seed")
+@package_option("scorer")
+@package_option("target_params")
+@package_option("keep_heads")
+@package_option("keep_kv_heads")
+@package_option("keep_ffn")
+@package_option("drop_layers")
+@package_option("multiple_of")
+@package_option("max_candidates")
+@package_option("schedule")
+@package_option("prune_step")
+@package_option("recover", "--recover/--no-recover")
+@package_option("refit", "--refit/--no-refit")
+@package_option("refit_target")
+@package_option("distill_steps")
+@package_option("distill_lr")
+@package_option("distill_batch_size")
+@package_option("distill_seq_len")
+@package_option("distill_samples")
+@package_option("distill_temperature")
+@package_option("distill_hidden_weight")
+@package_option("distill_dtype")
+@package_option("distill_train_embeddings", "--distill-train-embeddings/--distill-freeze-embeddings")
+@package_option("distill_time_budget_s")
+@package_option("checkpoint_dir", type=click.Path(path_type=Path, file_okay=False))
+@package_option("quant")
+@package_option("group_size")
+@package_option("eval_text")
+@package_option("eval_ood_text")
+@package_option("eval_prompts", "--eval-prompt", "eval_prompts")
+@package_option("eval_max_tokens")
+@package_option("batch_size")
+@package_option("compute_dtype")
+@package_option("base_model")
+@package_option("license", "--license", "license")
 @overwrite_option("--out")
-@field_option("trust_remote_code", is_flag=True)
+@package_option("trust_remote_code", is_flag=True)
 @click.option("--push", "push_repo", metavar="REPO_ID", help="Push the output to this Hub repo when done.")
 @click.option("--push-revision", help="Branch to push to (default: see `serve-pruned push --help`).")
 @click.option("--push-tag", help="Tag the pushed commit.")

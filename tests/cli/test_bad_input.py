@@ -49,17 +49,6 @@ class Workspace:
         return text.format(**{k: str(v) for k, v in vars(self).items()})
 
 
-@pytest.fixture(scope="module")
-def earlier_package(tiny_models, text_files, tmp_path_factory) -> Path:
-    from serve_pruned.compress.package import package
-    from serve_pruned.options import PackageOptions
-
-    out = tmp_path_factory.mktemp("earlier") / "pkg"
-    opts = PackageOptions(model=str(tiny_models["llama"]), out=out, keep_ffn=128, multiple_of=32,
-                          calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False)
-    return package(opts, progress=False).out
-
-
 @pytest.fixture
 def ws(tmp_path, tiny_models, text_files, earlier_package, monkeypatch) -> Workspace:
     root = tmp_path / "ws"
@@ -282,6 +271,12 @@ CASES: dict[str, Case] = {
     "render without a footprint": Case("deploy render --model my-org/x@v1 --model-dir {mine} -o -",
                                        "no footprint for my-org/x@v1"),
     "render too many instances": Case(RENDER + " --gpu L4 --instances-per-gpu 40 -o -", "at most"),
+    "render --replicas 0": Case(RENDER + " --replicas 0 -o -", "--replicas: Input should be greater than or equal "
+                                "to 1, got 0; pass a value >= 1 (default 1)"),
+    "render --max-model-len 8": Case(RENDER + " --max-model-len 8 -o -", "--max-model-len: Input should be greater"),
+    "render --cpu-memory lots": Case(RENDER + " --cpu-memory lots -o -", "--cpu-memory 'lots' is not a size"),
+    "render --instances-per-gpu 100": Case(RENDER + " --gpu H200-141GB --instances-per-gpu 100 -o -",
+                                           "less than or equal to 48"),
     "check a file that is not there": Case("deploy check {root}/none.yaml", "is neither a file"),
     "apply with no kubectl": Case("deploy apply {root}/none.yaml --kubectl {root}/no-kubectl", "kubectl not found"),
     "eval a folder that does not exist": Case("eval {root}/nope --text {eval}", "does not exist"),
@@ -313,7 +308,7 @@ def test_battery_covers_every_command():
                 for c in CASES.values()}
     assert {"package", "eval", "plan", "serve", "pull", "example-model", "deploy render", "deploy check",
             "deploy apply", "deploy kustomize", "metrics exporter", "metrics dashboard"} <= commands
-    assert len(CASES) >= 90
+    assert len(CASES) >= 100
 
 
 # --- what the rule still lets through: an empty folder, and a command's own earlier output with --overwrite

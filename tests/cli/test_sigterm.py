@@ -31,17 +31,6 @@ def tree(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def earlier(tiny_models, text_files, tmp_path_factory) -> Path:
-    from serve_pruned.compress.package import package
-    from serve_pruned.options import PackageOptions
-
-    out = tmp_path_factory.mktemp("earlier") / "pkg"
-    opts = PackageOptions(model=str(tiny_models["llama"]), out=out, keep_ffn=128, multiple_of=32,
-                          calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False)
-    return package(opts, progress=False).out
-
-
 def _args(model: Path, out: Path, calib: Path, *extra: str, distill_steps: int = 2) -> list[str]:
     return ["package", str(model), "--out", str(out), "--overwrite", "--calib", str(calib), "--num-samples", "4",
             "--seq-len", "32", "--multiple-of", "32", "--target-params", "0.8", "--distill-steps", str(distill_steps),
@@ -57,12 +46,12 @@ STAGES = {
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_sigterm_at_each_stage_keeps_the_earlier_output(stage, earlier, tiny_models, text_files, tmp_path,
-                                                        monkeypatch):
+def test_sigterm_at_each_stage_keeps_the_earlier_output(stage, earlier_package, tiny_models, text_files,
+                                                        tmp_path, monkeypatch):
     import importlib
 
     out = tmp_path / "out"
-    shutil.copytree(earlier, out)
+    shutil.copytree(earlier_package, out)
     before = tree(out)
     module = importlib.import_module(STAGES[stage][0])
     real = getattr(module, STAGES[stage][1])
@@ -94,11 +83,11 @@ def _kill_when(proc: subprocess.Popen, ready, *, timeout: float = 240) -> None:
 
 
 @pytest.mark.parametrize("stage", ["distillation", "quantizing"])
-def test_kill_of_the_console_script(stage, earlier, tiny_models, text_files, tmp_path):
+def test_kill_of_the_console_script(stage, earlier_package, tiny_models, text_files, tmp_path):
     """A real `kill -TERM`: during distillation (its checkpoint folder appears), and while the W8A8 output is
     being written in its hidden temp folder."""
     out = tmp_path / "out"
-    shutil.copytree(earlier, out)
+    shutil.copytree(earlier_package, out)
     before = tree(out)
     cache = tmp_path / "cache"
     args = _args(tiny_models["llama"], out, text_files["calib"], "--no-progress", "--quant", "w8a8",
