@@ -50,7 +50,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     pruned = Steps(plan, loaded, quality, timer, progress, log).run()
     manifest = write_package(plan, loaded, pruned, quality, timer, log=log, repo_id=repo_id)
     pruned.clear_checkpoints()
-    return PackageResult(out=plan.out, manifest=manifest, timings=dict(timer.seconds))
+    return PackageResult(out=plan.out, manifest=manifest, timings={f"{k}_s": v for k, v in timer.seconds.items()})
 
 
 def _require_torch() -> None:
