@@ -32,6 +32,15 @@ def test_example_model_is_a_bf16_safetensors_llama(smollm2, tmp_path):
             cfg["intermediate_size"], cfg["dtype"]) == ("llama", 30, 9, 3, 1536, "bfloat16")
     assert "quantization_config" not in cfg
     assert {"model.safetensors", "tokenizer.json", "LICENSE"} <= {p.name for p in out.iterdir()}
+    # `make demo` reruns it with --overwrite: its own earlier copy is replaced, a file of the user's is not
+    again = subprocess.run([EXE, "example-model", str(out), "--overwrite"], capture_output=True, text=True,
+                           env={**os.environ, "SERVE_PRUNED_CACHE": str(smollm2.parents[1])}, timeout=300)
+    assert again.returncode == 0, again.stderr
+    (out / "notes.txt").write_text("mine")
+    refused = subprocess.run([EXE, "example-model", str(out), "--overwrite"], capture_output=True, text=True,
+                             env={**os.environ, "SERVE_PRUNED_CACHE": str(smollm2.parents[1])}, timeout=300)
+    assert refused.returncode == 1 and "(notes.txt)" in refused.stderr
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.fixture(scope="module")
