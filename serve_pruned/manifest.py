@@ -5,19 +5,23 @@ Torch-free: the Hub, serving and deploy commands read manifests without the pack
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve_pruned.atomic import Owner
 from serve_pruned.errors import ManifestError
+from serve_pruned.model.shapes import Shape
 
 MANIFEST_NAME = "serve_pruned.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+# What shape_before / shape_after must hold: a Shape's fields (the planner, push and the report read them).
+SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(Shape))
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 22) -> str:
@@ -98,6 +102,14 @@ class Manifest(BaseModel):
     peak_rss_bytes: int | None = None
     tool_versions: dict[str, str] = Field(default_factory=dict)
     files: dict[str, FileEntry] = Field(default_factory=dict)
+
+    @field_validator("shape_before", "shape_after")
+    @classmethod
+    def _whole_shape(cls, shape: dict[str, int]) -> dict[str, int]:
+        missing = [k for k in SHAPE_KEYS if k not in shape]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        return shape
 
     @property
     def scheme(self) -> str:

@@ -68,6 +68,7 @@ def test_keys_this_version_does_not_know_are_kept():
     ({"format_version": 3}, "unknown format_version"),
     ({"weight_bytes": None}, "lacks the sizes the planner needs (weight_bytes"),
     ({"shape_after": "wide"}, "lacks the sizes the planner needs (shape_after"),
+    ({"shape_after": {"num_layers": 30}}, "lacks the sizes the planner needs (shape_after: Value error, missing"),
 ])
 def test_manifests_that_cannot_be_read_say_why(change, message):
     data = {**json.loads((EXAMPLE / "serve_pruned.json").read_text()), **change}
