@@ -53,7 +53,7 @@ def refit_start(*, eval_tokens_max: int, refit_target: str = "block") -> Start:
         fingerprint = source_fingerprint(resolve_model(str(src)))
         for s in sources:  # the same generated texts the packaging used (cached by the model's fingerprint)
             if s.generate:
-                s.docs = generated_texts(teacher, tok, s.generate, fingerprint=fingerprint,
+                s.docs = generated_texts(lambda: teacher, tok, s.generate, fingerprint=fingerprint,
                                          seq_len=opts.distill_seq_len, seed=opts.seed, progress=False,
                                          log=lambda _m: None)
     texts = [eval_tokens(tok, read_sources([str(p)]), max_tokens=eval_tokens_max) for p in (DOCS / "tutorial", OOD)]

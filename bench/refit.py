@@ -47,7 +47,7 @@ def main() -> None:
              for name, path in (("tutorial (in domain)", DOCS / "tutorial"), ("GPL-3 (out of domain)", OOD))}
     before = Shape.from_config(cfg)
     after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 832)
-    sel = select(compute_scores(collect_stats(model, samples), model, before, "activation"), before, after)
+    sel = select(compute_scores(collect_stats(model, samples), before, "activation"), before, after)
     pruned, _ = prune_model(model, cfg, before, after, sel)
     rows = {"original": {k: evaluate(model, v).perplexity for k, v in texts.items()},
             "pruned (activation scores)": {k: evaluate(pruned, v).perplexity for k, v in texts.items()}}

@@ -46,6 +46,10 @@ class PackageOptions(BaseModel):
     batch_size: int = Field(4, ge=1)
     compute_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Precision for scoring and evaluation (weights are saved in the source dtype).")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", json_schema_extra=_NEUTRAL,  # the message: _RANGE_HINTS
+        description="Where scoring, the shape search, the refit, evaluation and distillation run: auto (the "
+        "accelerator when there is one), cpu, cuda or cuda:N. Layers move there one at a time.")
 
     scorer: Literal["auto", "activation", "fluctuation", "magnitude", "obs"] = Field(
         "auto", description="Importance scorer; auto: obs when the refit runs, else activation.")
@@ -186,6 +190,7 @@ _RULE_HINTS = {
 }
 # What to do about a value out of range, where "pass a value in range" is not enough.
 _RANGE_HINTS = {
+    "device": "pass auto, cpu, cuda or cuda:N (N an accelerator's index)",
     "group_size": "a W4A16 group size such as 128, 64 or 32 that divides the model's widths (leave it out to "
                   "get the largest that does)",
 }
@@ -251,6 +256,8 @@ def validated(cls: type[M], values: dict[str, Any], *, origins: dict[str, str] |
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "string_pattern_mismatch":  # the regular expression is no help to a user: the hint is
+            msg = "not an accepted value"
         if loc:
             what_to_do = _range_hint(cls, loc, dict(err.get("ctx") or {}))
             msg += f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""

@@ -104,6 +104,6 @@ def prune_tiny(model_dir: Path, tokenizer_dir: Path, calib: Path, *, heads: int 
     samples = calibration_samples(tok, read_sources([str(calib)]), num_samples=num_samples, seq_len=seq_len, seed=0)
     before = Shape.from_config(cfg)
     after = Shape(before.num_layers, heads or before.num_heads, kv_heads or before.num_kv_heads, before.head_dim, ffn)
-    sel = select(compute_scores(collect_stats(model, samples), model, before, "activation"), before, after)
+    sel = select(compute_scores(collect_stats(model, samples), before, "activation"), before, after)
     pruned, _ = prune_model(model, cfg, before, after, sel)
     return model, pruned, sel, samples, tok

@@ -138,6 +138,7 @@ def _package_text(out: Path, m: Manifest) -> str:
 @package_option("eval_max_tokens")
 @package_option("batch_size")
 @package_option("compute_dtype")
+@package_option("device")
 @package_option("base_model")
 @package_option("license", "--license", "license")
 @overwrite_option("--out")

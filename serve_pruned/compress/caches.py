@@ -20,17 +20,17 @@ Log = Callable[[str], None]
 
 def cached_stats(model: Any, samples: Any, key: str, *, batch_size: int, ffn_order: bool, progress: bool,
                  log: Log) -> Any:
-    """Importance statistics of the source model, from the cache when this key was collected before."""
+    """Importance statistics of the source model (a :class:`Streamed` one), from the cache when this key was
+    collected before."""
     from safetensors.torch import load_file, save_file
 
     from serve_pruned.compress.importance import LayerStats, collect_stats
-    from serve_pruned.compress.layers import decoder_layers
 
     path = cache_root() / "stats" / f"{key}.safetensors"
     if path.is_file():
         log(f"importance statistics: reusing {path}")
         return LayerStats.from_dict(load_file(path))
-    with progress_bar(len(decoder_layers(model)), "scoring (calibration pass)", progress, unit="layer") as bar:
+    with progress_bar(model.num_layers, "scoring (calibration pass)", progress, unit="layer") as bar:
         stats = collect_stats(model, samples, batch_size=batch_size, progress=bar, ffn_order=ffn_order)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -40,15 +40,20 @@ def cached_stats(model: Any, samples: Any, key: str, *, batch_size: int, ffn_ord
 
 
 def stats_key(opts: PackageOptions, fingerprint: str, calib_fp: str, *, obs: bool) -> str:
-    """Statistics depend on the weights, the text, how it is sampled and the precision (obs adds its FFN order)."""
+    """Statistics depend on the weights, the text, how it is sampled and the precision (obs adds its FFN order).
+
+    v2: the statistics hold the weight norms too."""
     return hashlib.sha256(
         f"{fingerprint}|{calib_fp}|{opts.num_samples}|{opts.seq_len}|{opts.seed}|"
-        f"{opts.compute_dtype}|v1{'|obs' if obs else ''}".encode()).hexdigest()[:32]
+        f"{opts.compute_dtype}|v2{'|obs' if obs else ''}".encode()).hexdigest()[:32]
 
 
-def generated_texts(model: Any, tokenizer: Any, count: int, *, fingerprint: str, seq_len: int, seed: int,
-               progress: bool, log: Log) -> list[str]:
-    """The ``generated:N`` calibration source: the original model's own continuations, cached on disk."""
+def generated_texts(model: Callable[[], Any], tokenizer: Any, count: int, *, fingerprint: str, seq_len: int,
+                    seed: int, progress: bool, log: Log) -> list[str]:
+    """The ``generated:N`` calibration source: the original model's own continuations, cached on disk.
+
+    ``model`` loads the whole original model when called: generation runs every layer for every token, so it
+    cannot stream layer by layer, and a cached text needs no model at all."""
     from serve_pruned.atomic import atomic_write_text
     from serve_pruned.compress.data import generate_texts
 
@@ -57,7 +62,7 @@ def generated_texts(model: Any, tokenizer: Any, count: int, *, fingerprint: str,
         log(f"generated calibration text: reusing {path}")
         return list(json.loads(path.read_text()))
     with progress_bar(count, f"generating {count} calibration texts with the original model", progress) as bar:
-        texts = generate_texts(model, tokenizer, count, max_new_tokens=seq_len, seed=seed, progress=bar)
+        texts = generate_texts(model(), tokenizer, count, max_new_tokens=seq_len, seed=seed, progress=bar)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(texts))
     return texts

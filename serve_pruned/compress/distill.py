@@ -206,13 +206,15 @@ def distill(
     *,
     settings: DistillSettings,
     checkpoint_dir: Path | None = None,
+    device: str | None = None,
     progress: Any = None,
     time_budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` in place to match ``teacher`` on ``samples`` (token ids, (n, seq_len)).
 
     Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same settings. With
-    ``time_budget_s`` training stops early (after a checkpoint) once the budget is spent.
+    ``time_budget_s`` training stops early (after a checkpoint) once the budget is spent. Both models train on
+    ``device`` (default: the accelerator when there is one) and come back to the host after.
 
     Returns:
         A summary: steps done, tokens seen, first/last loss (mean of up to 10 steps), seconds,
@@ -220,7 +222,8 @@ def distill(
     """
     if settings.steps < 1:
         raise ValueError("distillation needs at least one step")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    own_weights(student, teacher)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     named = _to_training(student, teacher, settings, device)
     opt = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=(0.9, 0.95),
                             weight_decay=settings.weight_decay)
@@ -231,7 +234,7 @@ def distill(
         if state is not None:
             start, resumed, losses_before = int(state["step"]), int(state["step"]), list(state["losses"])
     losses: list[float] = list(losses_before)
-    autocast = settings.dtype == "bfloat16" or (settings.dtype == "auto" and native_bf16(device))
+    autocast = settings.dtype == "bfloat16" or (settings.dtype == "auto" and native_bf16(torch.device(device).type))
     t0 = time.perf_counter()
     if progress is not None:
         progress.update(start)
@@ -274,6 +277,15 @@ def distill(
     }
 
 
+def own_weights(model: Any, other: Any) -> None:
+    """Give ``model`` its own copy of every tensor it shares with ``other`` (pruning slices without
+    copying what it keeps whole), so training one never changes the other. Tied weights stay tied."""
+    theirs = {p.data_ptr() for p in other.parameters()}
+    for p in model.parameters():
+        if p.data_ptr() in theirs:
+            p.data = p.data.clone()
+
+
 def _to_training(student: Any, teacher: Any, settings: DistillSettings, device: str) -> list[tuple[str, Any]]:
     """Both models on ``device``, the teacher frozen, the student trainable (embeddings only if asked)."""
     student.to(device)
@@ -302,7 +314,7 @@ def _to_inference(student: Any, teacher: Any) -> None:
 def _loss(student: Any, teacher: Any, x: torch.Tensor, settings: DistillSettings, *, device: str,
           autocast: bool) -> torch.Tensor:
     """KL of the student's next-token distribution from the teacher's, plus the optional hidden-state term."""
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
         with torch.no_grad():
             t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)
         s_out = student(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)

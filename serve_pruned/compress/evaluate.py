@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from serve_pruned.compress.stream import Streamed, streamed
 from serve_pruned.errors import UsageError
 
 
@@ -55,59 +56,60 @@ def evaluate(
     keep_top1: list[torch.Tensor] | None = None,
     progress: Any = None,
 ) -> QualityReport:
-    """Perplexity of ``model`` on ``ids`` (and top-1 agreement with ``reference`` when given).
+    """Perplexity of ``model`` (a model in memory or a :class:`Streamed` one) on ``ids``, and top-1 agreement
+    with ``reference`` when given.
 
     ``keep_top1`` collects this model's next-token argmax per batch; passed back later as
     ``reference_top1`` it stands in for the reference model, so the reference runs once, not per stage.
+    ``progress`` advances once per decoder layer and once for the head, per model run.
     """
-    wins = windows(ids, seq_len)
-    total_nll, count, agree = 0.0, 0, 0
+    batches = [torch.tensor(b, dtype=torch.long) for b in _window_batches(windows(ids, seq_len), seq_len, batch_size)]
+    nll, top1 = _nll_and_top1(streamed(model), batches, progress=progress)
+    if keep_top1 is not None:
+        keep_top1.extend(top1)
+    if reference is not None and reference_top1 is None:
+        reference_top1 = _nll_and_top1(streamed(reference), batches, progress=progress)[1]
+    count = sum(b[:, 1:].numel() for b in batches)
+    agree = sum((r == t).sum().item() for r, t in zip(reference_top1, top1, strict=True)) if reference_top1 else 0
+    mean = nll / count
+    return QualityReport(perplexity=math.exp(mean), nll=mean, tokens=count, seq_len=seq_len,
+                         top1_agreement=(agree / count) if reference_top1 is not None else None)
+
+
+def eval_passes(model: Any) -> int:
+    """Progress steps of one :func:`evaluate` run of ``model``: its decoder layers and the head."""
+    return streamed(model).num_layers + 1
+
+
+def _window_batches(wins: list[list[int]], seq_len: int, batch_size: int) -> list[list[list[int]]]:
     # full windows batch together; the short last one goes alone
-    batches: list[list[list[int]]] = []
     full = [w for w in wins if len(w) == seq_len]
-    batches.extend(full[i : i + batch_size] for i in range(0, len(full), batch_size))
-    batches.extend([w] for w in wins if len(w) != seq_len)
-    compare = reference is not None or reference_top1 is not None
-    for bi, batch in enumerate(batches):
-        x = torch.tensor(batch, dtype=torch.long)
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = x[:, 1:]
-        total_nll -= logp.gather(-1, target.unsqueeze(-1)).sum().item()
-        count += target.numel()
-        top1 = logits[:, :-1].argmax(-1)
-        if keep_top1 is not None:
-            keep_top1.append(top1)
-        if reference_top1 is not None:
-            agree += (reference_top1[bi] == top1).sum().item()
-        elif reference is not None:
-            ref_logits = reference(input_ids=x, use_cache=False).logits
-            agree += (ref_logits[:, :-1].argmax(-1) == top1).sum().item()
-        if progress is not None:
-            progress.update(len(batch))
-    nll = total_nll / count
-    return QualityReport(
-        perplexity=math.exp(nll),
-        nll=nll,
-        tokens=count,
-        seq_len=seq_len,
-        top1_agreement=(agree / count) if compare else None,
-    )
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    return batches + [[w] for w in wins if len(w) != seq_len]
+
+
+def _nll_and_top1(model: Streamed, batches: list[torch.Tensor], *, progress: Any = None,
+                  ) -> tuple[float, list[torch.Tensor]]:
+    """Summed next-token negative log-likelihood over ``batches``, and each batch's argmax predictions."""
+    hidden = model.hidden_states(batches, progress=progress)
+    total, top1 = 0.0, []
+    with model.head() as head:
+        for x, h in zip(batches, hidden, strict=True):
+            logits = head(h).float()[:, :-1]
+            target = x[:, 1:].to(logits.device)
+            total -= torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).sum().item()
+            top1.append(logits.argmax(-1).cpu())
+    if progress is not None:
+        progress.update(1)
+    return total, top1
 
 
 @torch.no_grad()
 def mean_loss(model: Any, samples: torch.Tensor, *, batch_size: int = 4) -> float:
     """Mean next-token loss over calibration samples (used to rank candidate shapes)."""
-    total, count = 0.0, 0
-    for i in range(0, len(samples), batch_size):
-        x = samples[i : i + batch_size]
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.item()
-        count += x[:, 1:].numel()
-    return total / count
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    total, _ = _nll_and_top1(streamed(model), batches)
+    return total / sum(b[:, 1:].numel() for b in batches)
 
 
 def evaluate_folder(
@@ -133,7 +135,7 @@ def evaluate_folder(
     from tqdm.auto import tqdm
 
     from serve_pruned.compress.data import eval_tokens, fingerprint_sources, read_sources
-    from serve_pruned.compress.model_io import load_model, load_tokenizer, quiet_transformers
+    from serve_pruned.compress.model_io import load_tokenizer, quiet_transformers
     from serve_pruned.model.source import resolve_model
 
     quiet_transformers(progress)
@@ -158,10 +160,10 @@ def evaluate_folder(
         return {"model": model_dir, "backend": "vllm", "perplexity": ppl, "nll": math.log(ppl), "tokens": count,
                 "seq_len": seq_len, "top1_agreement": None, "text": [s.name for s in sources],
                 "text_sha256": fingerprint_sources(sources), "completions": samples}
-    model = load_model(src.path, dtype=dtype, trust_remote_code=trust_remote_code)
-    reference = load_model(base_src.path, dtype=dtype, trust_remote_code=trust_remote_code) if base_src else None
-    n_win = len(windows(ids, seq_len))
-    with tqdm(total=n_win * (2 if reference is not None else 1), desc="evaluating", unit="seq",
+    model = _open(src, dtype=dtype, trust_remote_code=trust_remote_code)
+    reference = _open(base_src, dtype=dtype, trust_remote_code=trust_remote_code) if base_src else None
+    runs = eval_passes(model) + (eval_passes(reference) if reference is not None else 0)
+    with tqdm(total=runs, desc="evaluating", unit="layer",
               disable=not progress, leave=False) as bar:
         report = evaluate(model, ids, seq_len=seq_len, batch_size=batch_size, reference=reference, progress=bar)
         result: dict[str, Any] = {"model": model_dir, "backend": "transformers", **report.to_dict()}
@@ -174,20 +176,32 @@ def evaluate_folder(
     return result
 
 
+def _open(src: Any, *, dtype: str, trust_remote_code: bool) -> Any:
+    """A folder's model for evaluation: streamed from its files, or loaded whole when quantized (transformers
+    decompresses compressed-tensors weights as it loads them; the raw tensors are not the model's weights)."""
+    from serve_pruned.compress.model_io import load_model
+
+    if src.config.get("quantization_config"):
+        return load_model(src.path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return Streamed.from_folder(src, device="cpu", dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+
+
 
 @torch.no_grad()
 def greedy_continuations(model: Any, tokenizer: Any, prompts: list[str] | tuple[str, ...], *,
                          max_new_tokens: int = 8) -> list[list[int]]:
-    """Greedy continuations (token ids) of each prompt, without a KV cache so any model state works."""
-    out = []
-    for prompt in prompts:
-        x = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
-        ids = x
-        for _ in range(max_new_tokens):
-            nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-        out.append(ids[0, x.shape[1] :].tolist())
-    return out
+    """Greedy continuations (token ids) of each prompt, without a KV cache so any model state works.
+
+    Each new token is one layer-by-layer pass over every prompt (each its own batch: no padding).
+    """
+    model = streamed(model)
+    ids = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]], dtype=torch.long) for p in prompts]
+    start = [x.shape[1] for x in ids]
+    for _ in range(max_new_tokens):
+        hidden = model.hidden_states(ids)
+        with model.head() as head:
+            ids = [torch.cat([x, head(h[:, -1:]).argmax(-1).cpu()], dim=1) for x, h in zip(ids, hidden, strict=True)]
+    return [x[0, n:].tolist() for x, n in zip(ids, start, strict=True)]
 
 
 def prompt_agreement(ours: list[list[int]], reference: list[list[int]]) -> dict[str, float]:

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from serve_pruned.compress.layers import decoder_layers, hooks, layer_inputs, layer_output
+from serve_pruned.compress.layers import hooks, layer_output
+from serve_pruned.compress.stream import streamed
 from serve_pruned.model.shapes import Shape
 
 SCORERS = ("activation", "fluctuation", "magnitude", "obs")
@@ -45,7 +46,11 @@ SCORERS = ("activation", "fluctuation", "magnitude", "obs")
 
 @dataclass
 class LayerStats:
-    """Per-layer calibration statistics, stacked over layers (float64)."""
+    """Per-layer calibration statistics and weight norms, stacked over layers (float64).
+
+    The weight norms are taken in the same pass, while each layer is onloaded, so scoring never needs the
+    whole model again.
+    """
 
     o_sum: torch.Tensor  # [L, H*hd]
     o_sumsq: torch.Tensor  # [L, H*hd]
@@ -54,14 +59,23 @@ class LayerStats:
     ffn_sumsq: torch.Tensor  # [L, F]
     cos_sum: torch.Tensor  # [L]
     tokens: torch.Tensor  # [1]
+    norms: dict[str, torch.Tensor]  # squared L2 norm per output row / input column of each projection: NORMS
     ffn_order: torch.Tensor | None = None  # [L, F] greedy OBS elimination rank (higher = removed later)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in self.__dict__.items() if v is not None}
+        flat = {k: v.contiguous() for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        return flat | {f"norm.{k}": v.contiguous() for k, v in self.norms.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> LayerStats:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        norms = {k.removeprefix("norm."): v for k, v in d.items() if k.startswith("norm.")}
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d}, norms=norms)
+
+
+# name -> (module path in a decoder layer, axis summed over): rows of q/k/v/gate/up, columns of o/down
+NORMS = {"q_rows": ("self_attn.q_proj", 1), "k_rows": ("self_attn.k_proj", 1), "v_rows": ("self_attn.v_proj", 1),
+         "o_cols": ("self_attn.o_proj", 0), "gate_rows": ("mlp.gate_proj", 1), "up_rows": ("mlp.up_proj", 1),
+         "down_cols": ("mlp.down_proj", 0)}
 
 
 @torch.no_grad()
@@ -106,73 +120,76 @@ def obs_order(gram: torch.Tensor, weight: torch.Tensor, *, chunk: int = 16, damp
 @torch.no_grad()
 def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, progress: Any = None,
                   ffn_order: bool = False) -> LayerStats:
-    """Run ``samples`` through ``model`` once, layer by layer, with hooks that accumulate :class:`LayerStats`.
+    """Run ``samples`` through ``model`` (in memory, or :class:`Streamed`) once, layer by layer, with hooks
+    that accumulate :class:`LayerStats`.
 
     The hidden states of every sample are carried from one decoder layer to the next (as the refit does), so
     per-layer work is done and freed before the next layer runs. With ``ffn_order`` a layer's ``down_proj``
     input Gram matrix (F x F float32, one at a time) is accumulated too and its FFN channels ranked by
     :func:`obs_order` (``stats.ffn_order``; the ``obs`` scorer). ``progress`` advances once per layer.
     """
-    layers = decoder_layers(model)
-    n_layers = len(layers)
-    attn0, mlp0 = layers[0].self_attn, layers[0].mlp
-    n_heads = model.config.num_attention_heads
-    q_width = attn0.o_proj.in_features
-    head_dim = q_width // n_heads
-    ffn = mlp0.down_proj.in_features
+    model = streamed(model)
+    cfg = model.config
+    n_layers, n_heads, n_kv = model.num_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    q_width, ffn = n_heads * head_dim, cfg.intermediate_size
     f64 = torch.float64
-    stats = LayerStats(
-        o_sum=torch.zeros(n_layers, q_width, dtype=f64),
-        o_sumsq=torch.zeros(n_layers, q_width, dtype=f64),
-        head_contrib_sq=torch.zeros(n_layers, n_heads, dtype=f64),
-        ffn_sum=torch.zeros(n_layers, ffn, dtype=f64),
-        ffn_sumsq=torch.zeros(n_layers, ffn, dtype=f64),
-        cos_sum=torch.zeros(n_layers, dtype=f64),
-        tokens=torch.full((1,), float(samples.numel()), dtype=f64),
-        ffn_order=torch.zeros(n_layers, ffn, dtype=f64) if ffn_order else None,
-    )
-    gram: list[torch.Tensor] = []  # the current layer's down_proj input Gram matrix (obs only)
 
-    def o_hook(i: int, head_grams: torch.Tensor):
+    def zeros(*size: int) -> torch.Tensor:
+        return torch.zeros(*size, dtype=f64)
+
+    widths = {"q_rows": q_width, "k_rows": n_kv * head_dim, "v_rows": n_kv * head_dim, "o_cols": q_width,
+              "gate_rows": ffn, "up_rows": ffn, "down_cols": ffn}
+    stats = LayerStats(
+        o_sum=zeros(n_layers, q_width), o_sumsq=zeros(n_layers, q_width), head_contrib_sq=zeros(n_layers, n_heads),
+        ffn_sum=zeros(n_layers, ffn), ffn_sumsq=zeros(n_layers, ffn), cos_sum=zeros(n_layers),
+        tokens=torch.full((1,), float(samples.numel()), dtype=f64),
+        norms={k: zeros(n_layers, w) for k, w in widths.items()},
+        ffn_order=zeros(n_layers, ffn) if ffn_order else None,
+    )
+    acc: dict[str, torch.Tensor] = {}  # the current layer's sums, on the device; moved into ``stats`` per layer
+
+    def add(name: str, value: torch.Tensor) -> None:
+        value = value.double() if value.device.type == "cpu" else value.float()  # float64 is slow on GPUs
+        acc[name] = acc[name] + value if name in acc else value
+
+    def o_hook(head_grams: torch.Tensor):
         def hook(_mod, args):
             x = args[0].float().reshape(-1, q_width)
-            stats.o_sum[i] += x.sum(0).double()
-            stats.o_sumsq[i] += (x * x).sum(0).double()
+            add("o_sum", x.sum(0))
+            add("o_sumsq", (x * x).sum(0))
             z = x.view(-1, n_heads, head_dim)
-            y = torch.einsum("nhd,hdf->nhf", z, head_grams)
-            stats.head_contrib_sq[i] += (y * z).sum((0, 2)).double()
+            add("head_contrib_sq", (torch.einsum("nhd,hdf->nhf", z, head_grams) * z).sum((0, 2)))
         return hook
 
-    def down_hook(i: int):
-        def hook(_mod, args):
-            a = args[0].float().reshape(-1, ffn)
-            stats.ffn_sum[i] += a.sum(0).double()
-            stats.ffn_sumsq[i] += (a * a).sum(0).double()
-            if gram:
-                gram[0] += a.T @ a
-        return hook
+    def down_hook(_mod, args):
+        a = args[0].float().reshape(-1, ffn)
+        add("ffn_sum", a.sum(0))
+        add("ffn_sumsq", (a * a).sum(0))
+        if ffn_order:
+            acc["gram"] = acc["gram"] + a.T @ a if "gram" in acc else a.T @ a
 
-    def layer_hook(i: int):
-        def hook(_mod, args, kwargs, output):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = layer_output(output)
-            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
-            stats.cos_sum[i] += cos.sum().double()
-        return hook
+    def layer_hook(_mod, args, kwargs, output):
+        h_in = args[0] if args else kwargs["hidden_states"]
+        add("cos_sum", torch.nn.functional.cosine_similarity(h_in.float(), layer_output(output).float(), dim=-1).sum())
 
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    hidden, kwargs = layer_inputs(model, batches)
-    for i, layer in enumerate(layers):
+    hidden, kwargs = model.embed(batches)
+    for i, layer in model.layers():
+        for name, (path, axis) in NORMS.items():
+            stats.norms[name][i] = layer.get_submodule(path).weight.float().pow(2).sum(axis).double().cpu()
         w = layer.self_attn.o_proj.weight.float().view(-1, n_heads, head_dim)  # [hidden, H, hd]
         head_grams = torch.einsum("ehd,ehf->hdf", w, w)  # per-head W_h^T W_h
-        if ffn_order:
-            gram[:] = [torch.zeros(ffn, ffn)]
-        with hooks(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i, head_grams)),
-                   layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)),
-                   layer.register_forward_hook(layer_hook(i), with_kwargs=True)):
+        with hooks(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(head_grams)),
+                   layer.mlp.down_proj.register_forward_pre_hook(down_hook),
+                   layer.register_forward_hook(layer_hook, with_kwargs=True)):
             hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-        if stats.ffn_order is not None:
-            stats.ffn_order[i] = obs_order(gram.pop(), layer.mlp.down_proj.weight.float())
+        gram = acc.pop("gram", None)
+        for name, value in acc.items():
+            getattr(stats, name)[i] += value.double().cpu()
+        acc.clear()
+        if stats.ffn_order is not None and gram is not None:
+            stats.ffn_order[i] = obs_order(gram, layer.mlp.down_proj.weight.float())
         if progress is not None:
             progress.update(1)
     return stats
@@ -192,16 +209,15 @@ def _group_sum(heads: torch.Tensor, n_kv: int) -> torch.Tensor:
     return heads.view(heads.shape[0], n_kv, -1).sum(-1)
 
 
-def compute_scores(stats: LayerStats, model: Any, shape: Shape, scorer: str) -> Scores:
-    """Turn statistics (and, for some scorers, weights) into :class:`Scores`."""
+def compute_scores(stats: LayerStats, shape: Shape, scorer: str) -> Scores:
+    """Turn statistics (and the weight norms collected with them) into :class:`Scores`."""
     if scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-    n = stats.tokens.item()
-    layers = decoder_layers(model)
+    n = max(stats.tokens.item(), 1.0)  # no tokens: magnitude scores, which use none
+    norms = stats.norms
     hd, H, KV = shape.head_dim, shape.num_heads, shape.num_kv_heads
     block_influence = 1.0 - stats.cos_sum / n
-    o_cols = torch.stack([ly.self_attn.o_proj.weight.float().pow(2).sum(0).double() for ly in layers])
-    down_cols = torch.stack([ly.mlp.down_proj.weight.float().pow(2).sum(0).double() for ly in layers])
+    o_cols, down_cols = norms["o_cols"], norms["down_cols"]
     if scorer in ("activation", "obs"):
         heads = (stats.head_contrib_sq / n).sqrt()
         if scorer == "activation":
@@ -218,15 +234,10 @@ def compute_scores(stats: LayerStats, model: Any, shape: Shape, scorer: str) -> 
         ffn = ffn_var * down_cols
         kv = _group_sum(heads, KV)
     else:
-        q_rows = torch.stack([ly.self_attn.q_proj.weight.float().pow(2).sum(1).double() for ly in layers])
-        heads = (q_rows.view(-1, H, hd).sum(-1) + o_cols.view(-1, H, hd).sum(-1)).sqrt()
-        k_rows = torch.stack([ly.self_attn.k_proj.weight.float().pow(2).sum(1).double() for ly in layers])
-        v_rows = torch.stack([ly.self_attn.v_proj.weight.float().pow(2).sum(1).double() for ly in layers])
-        kv_own = (k_rows.view(-1, KV, hd).sum(-1) + v_rows.view(-1, KV, hd).sum(-1)).sqrt()
+        heads = (norms["q_rows"].view(-1, H, hd).sum(-1) + o_cols.view(-1, H, hd).sum(-1)).sqrt()
+        kv_own = (norms["k_rows"].view(-1, KV, hd).sum(-1) + norms["v_rows"].view(-1, KV, hd).sum(-1)).sqrt()
         kv = _group_sum(heads, KV) + kv_own
-        gate = torch.stack([ly.mlp.gate_proj.weight.float().pow(2).sum(1).double() for ly in layers])
-        up = torch.stack([ly.mlp.up_proj.weight.float().pow(2).sum(1).double() for ly in layers])
-        ffn = (gate + up + down_cols).sqrt()
+        ffn = (norms["gate_rows"] + norms["up_rows"] + down_cols).sqrt()
     return Scores(heads=heads, kv_groups=kv, ffn=ffn, layers=block_influence)
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serve_pruned.compress.caches import generated_texts
 from serve_pruned.compress.data import calibration_samples, eval_tokens, fingerprint_sources
+from serve_pruned.compress.device import resolve_device
 from serve_pruned.compress.model_io import load_model, load_tokenizer, quiet_transformers
 from serve_pruned.compress.plan import PackagePlan, plan_package
 from serve_pruned.compress.provenance import source_fingerprint
 from serve_pruned.compress.quality import Quality
 from serve_pruned.compress.steps import Loaded, Steps
+from serve_pruned.compress.stream import Streamed
 from serve_pruned.compress.timer import Timer
 from serve_pruned.compress.write import write_package
 from serve_pruned.errors import MissingExtraError
@@ -44,8 +47,9 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
     with timer("checks"):
         plan = plan_package(opts)
         _require_torch()
+        device = resolve_device(opts.device)
     quiet_transformers(progress)
-    loaded = load(plan, timer, progress=progress, log=log)
+    loaded = load(plan, device, timer, progress=progress, log=log)
     quality = _quality(plan, loaded, timer, progress=progress, log=log)
     pruned = Steps(plan, loaded, quality, timer, progress, log).run()
     manifest = write_package(plan, loaded, pruned, quality, timer, log=log, repo_id=repo_id)
@@ -61,31 +65,37 @@ def _require_torch() -> None:
             raise MissingExtraError(mod, extra) from exc
 
 
-def load(plan: PackagePlan, timer: Timer, *, progress: bool, log: Log) -> Loaded:
-    """The source model and tokenizer, generated calibration text (cached), and the calibration windows."""
+def load(plan: PackagePlan, device: Any, timer: Timer, *, progress: bool, log: Log) -> Loaded:
+    """The source model (streamed from its files), the tokenizer, generated calibration text (cached) and the
+    calibration windows."""
     import torch
 
     opts, src = plan.opts, plan.src
     torch.manual_seed(opts.seed)
     with timer("load"):
-        log(f"loading {src.ref} ({plan.support.architecture}, {plan.total:,} parameters)")
+        log(f"reading {src.ref} ({plan.support.architecture}, {plan.total:,} parameters) layer by layer "
+            f"on {device}")
         tokenizer = load_tokenizer(src.path, trust_remote_code=opts.trust_remote_code)
-        model = load_model(src.path, dtype=opts.compute_dtype, trust_remote_code=opts.trust_remote_code)
-        fingerprint = source_fingerprint(src)
+        original = Streamed.from_folder(src, device=device, dtype=getattr(torch, opts.compute_dtype),
+                                        trust_remote_code=opts.trust_remote_code)
+        loaded = Loaded(original=original, tokenizer=tokenizer, device=device, fingerprint=source_fingerprint(src),
+                        calib_fp=fingerprint_sources(plan.calib) if plan.calib else "", samples=None,
+                        load_whole=lambda: load_model(src.path, dtype=opts.compute_dtype,
+                                                      trust_remote_code=opts.trust_remote_code))
     for source in plan.calib:
         if source.generate:
             with timer("generate"):
                 # texts of one distillation window each: the stream they form is cut into windows anyway
-                source.docs = generated_texts(model, tokenizer, source.generate, fingerprint=fingerprint,
+                source.docs = generated_texts(loaded.whole, tokenizer, source.generate, fingerprint=loaded.fingerprint,
                                               seq_len=opts.distill_seq_len, seed=opts.seed, progress=progress,
                                               log=log)
+            if not opts.distills:  # only distillation's teacher needs the whole model again
+                loaded.release_whole()
     with timer("load"):
-        samples = None
         if plan.calib:
-            samples = calibration_samples(tokenizer, plan.calib, num_samples=opts.num_samples, seq_len=opts.seq_len,
-                                          seed=opts.seed)
-    return Loaded(model=model, tokenizer=tokenizer, fingerprint=fingerprint,
-                  calib_fp=fingerprint_sources(plan.calib) if plan.calib else "", samples=samples)
+            loaded.samples = calibration_samples(tokenizer, plan.calib, num_samples=opts.num_samples,
+                                                 seq_len=opts.seq_len, seed=opts.seed)
+    return loaded
 
 
 def _quality(plan: PackagePlan, loaded: Loaded, timer: Timer, *, progress: bool, log: Log) -> Quality:
@@ -94,8 +104,8 @@ def _quality(plan: PackagePlan, loaded: Loaded, timer: Timer, *, progress: bool,
     with timer("load"):
         ids = eval_tokens(tokenizer, plan.eval, max_tokens=opts.eval_max_tokens) if plan.eval else []
         ood_ids = eval_tokens(tokenizer, plan.ood, max_tokens=opts.eval_max_tokens) if plan.ood else []
-    quality = Quality(opts, tokenizer, ids, ood_ids, progress=progress, log=log)
-    quality.reference = loaded.model if opts.eval_baseline else None
+    quality = Quality(opts, tokenizer, ids, ood_ids, device=loaded.device, progress=progress, log=log)
+    quality.reference = loaded.original if opts.eval_baseline else None
     if opts.eval_baseline:
-        quality.stage("original", loaded.model)
+        quality.stage("original", loaded.original)
     return quality

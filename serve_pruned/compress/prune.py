@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from serve_pruned.compress.importance import Selection
+from serve_pruned.compress.stream import Streamed
 from serve_pruned.model.shapes import RESIZE, Shape, split_layer_name
 
 
@@ -17,14 +19,17 @@ def _channel_index(units: list[int], width: int) -> torch.Tensor:
 
 
 def prune_state_dict(
-    state: dict[str, torch.Tensor], before: Shape, after: Shape, sel: Selection
+    state: Iterable[tuple[str, torch.Tensor]], before: Shape, after: Shape, sel: Selection
 ) -> dict[str, torch.Tensor]:
-    """Slice every layer tensor down to ``after``; dropped layers vanish and the rest are renumbered."""
+    """Slice every layer tensor down to ``after``; dropped layers vanish and the rest are renumbered.
+
+    ``state`` is read one tensor at a time (a streamed model's tensors come straight from its files), so only
+    the pruned tensors and the one being sliced are in memory together."""
     hd = before.head_dim
     new_index = {old: new for new, old in enumerate(sel.layers)}
     index_cache: dict[int, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
+    for name, tensor in state:
         parts = split_layer_name(name)
         if parts is None:
             out[name] = tensor
@@ -85,7 +90,8 @@ def build_model(model: Any, cfg: dict, state: dict[str, torch.Tensor]) -> Any:
 
 
 def prune_model(model: Any, config: dict, before: Shape, after: Shape, sel: Selection) -> tuple[Any, dict]:
-    """Return the pruned model and its config dict."""
+    """The pruned model (whole, in memory) of ``model`` (in memory, or :class:`Streamed`), and its config dict."""
     cfg = pruned_config(config, after, sel)
-    state = prune_state_dict(model.state_dict(), before, after, sel)
-    return build_model(model, cfg, state), cfg
+    if isinstance(model, Streamed):
+        return build_model(model.skeleton, cfg, prune_state_dict(model.state(), before, after, sel)), cfg
+    return build_model(model, cfg, prune_state_dict(model.state_dict().items(), before, after, sel)), cfg

@@ -20,8 +20,9 @@ class Quality:
     """Quality of each stage on held-out text (and out-of-domain text, and fact prompts), vs the original."""
 
     def __init__(self, opts: PackageOptions, tokenizer: Any, ids: list[int], ood_ids: list[int], *,
-                 progress: bool, log: Log) -> None:
+                 device: Any = None, progress: bool, log: Log) -> None:
         self.opts, self.tokenizer, self.ids, self.ood_ids = opts, tokenizer, ids, ood_ids
+        self.device = device  # where each stage's model runs, layer by layer (None: where its weights are)
         self.progress, self.log = progress, log
         self.prompts = list(opts.eval_prompts if opts.eval_prompts is not None else FACT_PROMPTS)
         self.report: dict[str, Any] = {}
@@ -37,19 +38,20 @@ class Quality:
     def stage(self, name: str, model: Any) -> None:
         if not self.enabled:
             return
-        from serve_pruned.compress.evaluate import evaluate, greedy_continuations, prompt_agreement
+        from serve_pruned.compress.evaluate import eval_passes, evaluate, greedy_continuations, prompt_agreement
+        from serve_pruned.compress.stream import streamed
 
         t = time.perf_counter()
+        model = streamed(model, self.device)
         is_original = name == "original"
         entry: dict[str, Any] = {}
         for key, ids in (("held_out", self.ids), ("out_of_domain", self.ood_ids)):
             if not ids:
                 continue
             cached = self.reference_top1.get(key)
-            reference = None if is_original or cached is not None else self.reference
-            n_win = -(-len(ids) // self.opts.eval_seq_len)
-            passes = n_win * (2 if reference is not None else 1)
-            with progress_bar(passes, f"evaluating {name} ({key})", self.progress) as bar:
+            reference = None if is_original or cached is not None else streamed(self.reference, self.device)
+            passes = eval_passes(model) + (eval_passes(reference) if reference is not None else 0)
+            with progress_bar(passes, f"evaluating {name} ({key})", self.progress, unit="layer") as bar:
                 keep: list[Any] | None = self.reference_top1.setdefault(key, []) if is_original else None
                 r = evaluate(model, ids, seq_len=self.opts.eval_seq_len, batch_size=self.opts.batch_size,
                              reference=reference, reference_top1=None if is_original else cached,

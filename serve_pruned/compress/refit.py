@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from serve_pruned.compress.layers import StopForward, decoder_layers, hooks, layer_inputs, layer_output
+from serve_pruned.compress.layers import StopForward, hooks, layer_output
+from serve_pruned.compress.stream import streamed
 
 
 @torch.no_grad()
@@ -40,8 +41,9 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
     Returns the relative squared error of the block's output before and after.
     """
     width, out_width = linear.in_features, linear.out_features
-    gram = torch.zeros(width, width, dtype=torch.float64)
-    cross = torch.zeros(width, out_width, dtype=torch.float64)
+    on = linear.weight.device
+    gram = torch.zeros(width, width, dtype=torch.float64, device=on)
+    cross = torch.zeros(width, out_width, dtype=torch.float64, device=on)
     seen: dict[str, Any] = {}
 
     def grab_block(_m: Any, args: tuple, kw: dict) -> None:
@@ -83,7 +85,7 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
     if measure_only:
         return before, before
     lam = damp * gram.diagonal().mean().clamp_min(1e-12)
-    solution = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), cross)  # [in, out]
+    solution = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64, device=on), cross)  # [in, out]
     linear.weight.copy_(solution.T.to(linear.weight.dtype))
     # residual from the same statistics: ||aW - y||^2 = tr(W'GW) - 2 tr(W'C) + ||y||^2
     resid = ((solution.T @ gram @ solution).trace() - 2 * (solution.T @ cross).trace()).item() + err_den
@@ -93,8 +95,12 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
 @torch.no_grad()
 def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Tensor, *,
           attention: bool = True, mlp: bool = True, batch_size: int = 4, damp: float = 0.01,
-          target: str = "block", progress: Any = None, measure_only: bool = False) -> dict[str, float]:
+          target: str = "block", device: Any = None, progress: Any = None,
+          measure_only: bool = False) -> dict[str, float]:
     """Refit every pruned layer's ``o_proj`` (when ``attention``) and ``down_proj`` (when ``mlp``) in place.
+
+    Both models run layer by layer on ``device`` (default: where their weights are), one pruned layer and the
+    original layers it is fitted to onloaded at a time.
 
     With ``measure_only`` nothing changes: the result is the reconstruction error of the current
     weights on ``samples`` (e.g. held-out text).
@@ -115,36 +121,45 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
     if target not in ("block", "stream"):
         raise ValueError(f"refit target must be 'block' or 'stream', not {target!r}")
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    hidden, kwargs = layer_inputs(pruned, batches)
-    p_layers, o_layers = decoder_layers(pruned), decoder_layers(original)
+    p, o = streamed(pruned, device), streamed(original, device)
+    hidden, kwargs = p.embed(batches)
     t_hidden = t_kwargs = None
     if target == "stream":
-        t_hidden, t_kwargs = layer_inputs(original, batches)
+        t_hidden, t_kwargs = o.embed(batches)
     next_original = 0
     errors: dict[str, list[float]] = {}
-    for li, layer in enumerate(p_layers):
-        orig = o_layers[kept_layers[li]]
-        streams: dict[str, list[torch.Tensor] | None] = {"attn": None, "mlp": None}
-        if t_hidden is not None and t_kwargs is not None:
-            for oi in range(next_original, kept_layers[li]):  # layers dropped before this one
-                t_hidden = [layer_output(o_layers[oi](t, **kw)) for t, kw in zip(t_hidden, t_kwargs, strict=True)]
-            streams["attn"], t_hidden = _original_streams(orig, t_hidden, t_kwargs)
-            streams["mlp"] = t_hidden
-            next_original = kept_layers[li] + 1
-        jobs = []
-        if attention:
-            jobs.append(("attn", layer.self_attn, layer.self_attn.o_proj, orig.self_attn, None))
-        if mlp:
-            jobs.append(("mlp", layer.mlp, layer.mlp.down_proj, orig.mlp, layer.post_attention_layernorm))
-        for name, block, linear, original_block, residual_at in jobs:
-            b, a = _fit(layer, hidden, kwargs, block=block, linear=linear, original_block=original_block,
-                        damp=damp, measure_only=measure_only, stream=streams[name], residual_at=residual_at)
-            errors.setdefault(f"{name}_rel_error_before", []).append(b)
-            errors.setdefault(f"{name}_rel_error_after", []).append(a)
+    for li, layer in p.layers():
+        with o.part(f"model.layers.{kept_layers[li]}") as orig:
+            streams: dict[str, list[torch.Tensor] | None] = {"attn": None, "mlp": None}
+            if t_hidden is not None and t_kwargs is not None:
+                for oi in range(next_original, kept_layers[li]):  # layers dropped before this one
+                    with o.part(f"model.layers.{oi}") as dropped:
+                        t_hidden = [layer_output(dropped(t, **kw)) for t, kw in zip(t_hidden, t_kwargs, strict=True)]
+                streams["attn"], t_hidden = _original_streams(orig, t_hidden, t_kwargs)
+                streams["mlp"] = t_hidden
+                next_original = kept_layers[li] + 1
+            _refit_layer(layer, orig, hidden, kwargs, streams, errors, attention=attention, mlp=mlp, damp=damp,
+                         measure_only=measure_only)
         hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
         if progress is not None:
             progress.update(1)
     return {k: sum(v) / len(v) for k, v in errors.items()}
+
+
+def _refit_layer(layer: Any, orig: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
+                 streams: dict[str, list[torch.Tensor] | None], errors: dict[str, list[float]], *, attention: bool,
+                 mlp: bool, damp: float, measure_only: bool) -> None:
+    """One pruned layer's attention, then its MLP, fitted to the original layer ``orig``; errors appended."""
+    jobs = []
+    if attention:
+        jobs.append(("attn", layer.self_attn, layer.self_attn.o_proj, orig.self_attn, None))
+    if mlp:
+        jobs.append(("mlp", layer.mlp, layer.mlp.down_proj, orig.mlp, layer.post_attention_layernorm))
+    for name, block, linear, original_block, residual_at in jobs:
+        before, after = _fit(layer, hidden, kwargs, block=block, linear=linear, original_block=original_block,
+                             damp=damp, measure_only=measure_only, stream=streams[name], residual_at=residual_at)
+        errors.setdefault(f"{name}_rel_error_before", []).append(before)
+        errors.setdefault(f"{name}_rel_error_after", []).append(after)
 
 
 @torch.no_grad()

@@ -73,15 +73,6 @@ def _compose(prev: Selection, sel: Selection) -> Selection:
     )
 
 
-def own_weights(model: Any, other: Any) -> None:
-    """Give ``model`` its own copy of every tensor it shares with ``other`` (pruning slices without
-    copying what it keeps whole), so training one never changes the other. Tied weights stay tied."""
-    theirs = {p.data_ptr() for p in other.parameters()}
-    for p in model.parameters():
-        if p.data_ptr() in theirs:
-            p.data = p.data.clone()
-
-
 @dataclass
 class Current:
     """The model being pruned, between steps."""
@@ -94,8 +85,10 @@ class Current:
 
 
 def _shapes_of(model: Any) -> dict[str, tuple[int, ...]]:
-    # named_parameters lists a tied embedding once, as the safetensors file does
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+    # named_parameters lists a tied embedding once, as the safetensors file does; a streamed model's skeleton
+    # has every shape on meta
+    module = getattr(model, "skeleton", model)
+    return {n: tuple(p.shape) for n, p in module.named_parameters()}
 
 
 def _save_step(folder: Path, cur: Current, report: dict[str, Any]) -> None:
@@ -130,12 +123,13 @@ def _load_step(folder: Path, like: Any) -> tuple[Current, dict[str, Any]] | None
 
 def _search(
     model: Any, config: dict, before: Shape, candidates: list[Candidate], scores: Any, samples: Any, *,
-    opts: PackageOptions, progress: bool, log: Log,
+    opts: PackageOptions, device: Any, progress: bool, log: Log,
 ) -> tuple[Candidate, list[dict[str, Any]]]:
     """Prune to every candidate shape and keep the one with the lowest calibration loss."""
     from serve_pruned.compress.evaluate import mean_loss
     from serve_pruned.compress.importance import select
     from serve_pruned.compress.prune import prune_model
+    from serve_pruned.compress.stream import streamed
 
     if len(candidates) == 1:
         return candidates[0], []
@@ -147,7 +141,7 @@ def _search(
 
     for cand in tqdm(tried, desc="searching shapes", disable=not progress, leave=False):
         pruned, _ = prune_model(model, config, before, cand.shape, select(scores, before, cand.shape))
-        loss = mean_loss(pruned, held_out, batch_size=opts.batch_size)
+        loss = mean_loss(streamed(pruned, device), held_out, batch_size=opts.batch_size)
         results.append({**cand.shape.to_dict(), "params": cand.params, "fraction": round(cand.fraction, 5),
                         "calib_loss": round(loss, 5)})
         del pruned
@@ -160,11 +154,23 @@ def _search(
 class Loaded:
     """The source model and what was read with it: the inputs of every pruning step."""
 
-    model: Any
+    original: Any  # a Streamed model: read layer by layer from the source's files, never whole
     tokenizer: Any
+    device: Any  # the torch.device every heavy stage runs on
     fingerprint: str
     calib_fp: str
     samples: Any  # calibration windows (n, seq_len), or None without calibration text
+    load_whole: Callable[[], Any] = field(repr=False, default=lambda: None)
+    _whole: Any = field(default=None, repr=False)
+
+    def whole(self) -> Any:
+        """The source model whole in memory (loaded once): only generation and distillation's teacher need it."""
+        if self._whole is None:
+            self._whole = self.load_whole()
+        return self._whole
+
+    def release_whole(self) -> None:
+        self._whole = None
 
 
 @dataclass
@@ -199,10 +205,11 @@ class Steps:
         return self.plan.opts
 
     def run(self) -> Pruned:
-        plan, opts, model = self.plan, self.opts, self.loaded.model
-        cur = Current(model, dict(plan.src.config), plan.before, _identity(plan.before), plan.total)
-        if not plan.prunes:
-            return Pruned(cur, plan.candidates[0])
+        plan, opts, original = self.plan, self.opts, self.loaded.original
+        if not plan.prunes:  # quantization only: the writer needs the model whole
+            return Pruned(Current(self.loaded.whole(), dict(plan.src.config), plan.before, _identity(plan.before),
+                                  plan.total), plan.candidates[0])
+        cur = Current(original, dict(plan.src.config), plan.before, _identity(plan.before), plan.total)
         targets: list[float | None] = [None]
         if opts.iterative and opts.target_params is not None:
             targets = list(step_targets(opts.target_params, opts.prune_step))
@@ -222,7 +229,7 @@ class Steps:
         for k, target in enumerate(targets):
             where = f"step {k + 1}/{len(targets)}"
             last = k == len(targets) - 1
-            resumed = _load_step(root / f"step-{k + 1}", model)
+            resumed = _load_step(root / f"step-{k + 1}", original.skeleton)
             if resumed is not None and not last:
                 done.current, report = resumed
                 done.steps.append({**report, "resumed": True})
@@ -254,10 +261,9 @@ class Steps:
                 relative = min(target * plan.total / cur.params, 1.0 - 1e-9)
                 candidates = plan_shapes(_shapes_of(cur.model), cur.shape, target=relative, **plan.shape_kw())
             chosen, search = _search(cur.model, cur.config, cur.shape, candidates, scores, self.loaded.samples,
-                                     opts=opts, progress=self.progress, log=self.log)
+                                     opts=opts, device=self.loaded.device, progress=self.progress, log=self.log)
             sel = select(scores, cur.shape, chosen.shape)
             new_model, new_cfg = prune_model(cur.model, cur.config, cur.shape, chosen.shape, sel)
-            own_weights(new_model, self.loaded.model)
             params = count_params(_shapes_of(new_model), chosen.shape)
         report.update(target=round(target, 5) if target is not None else None, shape=chosen.shape.to_dict(),
                       params=params, fraction=round(params / plan.total, 5), shape_search=search)
@@ -277,23 +283,22 @@ class Steps:
         """Importance of every structure of the current model (the first step's statistics are cached)."""
         import torch
 
-        from serve_pruned.compress.importance import LayerStats, collect_stats, compute_scores
+        from serve_pruned.compress.importance import collect_stats, compute_scores
+        from serve_pruned.compress.stream import streamed
 
-        opts, samples, before = self.opts, self.loaded.samples, self.plan.before
+        opts, samples, device = self.opts, self.loaded.samples, self.loaded.device
         obs = opts.scorer_used == "obs"  # its FFN order needs Gram matrices, collected only for it
         if k == 0 and samples is not None:
             key = stats_key(opts, self.loaded.fingerprint, self.loaded.calib_fp, obs=obs)
-            stats = cached_stats(self.loaded.model, samples, key, batch_size=opts.batch_size, ffn_order=obs,
-                                 progress=self.progress, log=self.log)
+            stats = cached_stats(self.loaded.original, samples, key, batch_size=opts.batch_size,
+                                 ffn_order=obs, progress=self.progress, log=self.log)
         elif samples is not None:
             with progress_bar(cur.shape.num_layers, f"{where}: scoring", self.progress, unit="layer") as bar:
-                stats = collect_stats(cur.model, samples, batch_size=opts.batch_size, progress=bar, ffn_order=obs)
-        else:  # magnitude scores need no data; block influence is then unused (no layers dropped)
-            n, zeros = before.num_layers, torch.zeros
-            stats = LayerStats(zeros(n, before.size("q")), zeros(n, before.size("q")), zeros(n, before.num_heads),
-                               zeros(n, before.intermediate_size), zeros(n, before.intermediate_size),
-                               zeros(n), torch.ones(1))
-        return compute_scores(stats, cur.model, cur.shape, opts.scorer_used)
+                stats = collect_stats(streamed(cur.model, device), samples, batch_size=opts.batch_size, progress=bar,
+                                      ffn_order=obs)
+        else:  # magnitude scores need no data, only the weight norms; block influence is then unused
+            stats = collect_stats(streamed(cur.model, device), torch.zeros((0, 1), dtype=torch.long))
+        return compute_scores(stats, cur.shape, opts.scorer_used)
 
     def refit(self, new_model: Any, cur: Current, shape: Shape, kept: Selection, *, dropped: bool, where: str,
               report: dict[str, Any]) -> None:
@@ -309,8 +314,9 @@ class Steps:
 
         which = " + ".join(n for n, on in (("o_proj", attn), ("down_proj", mlp)) if on)
         with self.timer("refit"), progress_bar(shape.num_layers, f"{where}: refitting {which}", self.progress) as bar:
-            report["refit"] = refit(new_model, self.loaded.model, kept.layers, self.loaded.samples, attention=attn,
-                                    mlp=mlp, batch_size=opts.batch_size, target=opts.refit_target, progress=bar)
+            report["refit"] = refit(new_model, self.loaded.original, kept.layers, self.loaded.samples, attention=attn,
+                                    mlp=mlp, batch_size=opts.batch_size, target=opts.refit_target,
+                                    device=self.loaded.device, progress=bar)
         self.log(f"{where}: refit {which}: block error " + ", ".join(
             f"{n} {report['refit'][f'{n}_rel_error_before']:.3f} -> {report['refit'][f'{n}_rel_error_after']:.3f}"
             for n in ("attn", "mlp") if f"{n}_rel_error_before" in report["refit"]))
@@ -325,8 +331,9 @@ class Steps:
         budget = opts.distill_time_budget_s * steps / opts.distill_steps if opts.distill_time_budget_s else None
         with self.timer("distill"), progress_bar(settings.steps, f"{where}: distilling", self.progress,
                                                  unit="step") as bar:
-            report["distill"] = distill(new_model, self.loaded.model, dsamples, settings=settings,
-                                        checkpoint_dir=step_dir / "distill", progress=bar, time_budget_s=budget)
+            report["distill"] = distill(new_model, self.loaded.whole(), dsamples, settings=settings,
+                                        checkpoint_dir=step_dir / "distill", device=str(self.loaded.device),
+                                        progress=bar, time_budget_s=budget)
         d = report["distill"]
         self.log(f"{where}: distilled {d['steps']} steps ({d['tokens']:,} tokens, {d['seconds']:.0f} s): "
                  f"KL {d['loss_first']:.3f} -> {d['loss_last']:.3f}"

@@ -240,6 +240,8 @@ CASES: dict[str, Case] = {
     "index names a missing shard": Case(PKG + " --keep-ffn 128", "missing 1 shard(s)",
                                         setup=_write("model/model.safetensors.index.json",
                                                      '{"weight_map": {"a": "model-00002.safetensors"}}')),
+    "no CUDA device for --device cuda": Case(PKG + " --keep-ffn 128 --device cuda", "torch sees no CUDA device"),
+    "--device that is not one": Case(PKG + " --keep-ffn 128 --device tpu", "device"),
     "empty calibration file": Case(PKG.replace("{calib}", "{root}/empty.txt") + " --keep-ffn 128", "holds no text",
                                    setup=_write("empty.txt", "")),
     "calibration file missing": Case(PKG.replace("{calib}", "{root}/none.txt") + " --keep-ffn 128", "does not exist"),

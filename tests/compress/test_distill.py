@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from tiny import prune_tiny  # noqa: E402
 
 from serve_pruned.compress.distill import DistillSettings, batch_indices, distill, kd_loss  # noqa: E402
-from serve_pruned.compress.steps import own_weights, step_targets  # noqa: E402
+from serve_pruned.compress.steps import step_targets  # noqa: E402
 
 
 def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise():
@@ -65,7 +65,7 @@ def test_step_targets(target, step, expected):
 def student_teacher(tiny_models, tokenizer_dir, text_files):
     teacher, student, _sel, samples, _tok = prune_tiny(tiny_models["llama"], tokenizer_dir, text_files["calib"],
                                                        ffn=96, seq_len=32)
-    own_weights(student, teacher)
+    # the student shares the tensors pruning kept whole with the teacher: distill() must part them
     return student, teacher, samples
 
 

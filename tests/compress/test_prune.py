@@ -91,7 +91,7 @@ def test_data_scorers_rank_silent_structures_last(scorer, tiny_models):
     _silence(model, layer=1, heads=range(6), ffn=range(256))  # layer 1 is an identity
     samples = torch.randint(0, cfg["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(2))
     stats = collect_stats(model, samples, batch_size=2, ffn_order=scorer == "obs")
-    scores = compute_scores(stats, model, before, scorer)
+    scores = compute_scores(stats, before, scorer)
     after = Shape(3, 2, 1, before.head_dim, 192)
     sel = select(scores, before, after)
     assert sel.layers == [0, 2, 3]  # the identity layer has zero block influence
@@ -121,7 +121,7 @@ def test_magnitude_scorer_ranks_by_weights_only(tiny_models):
         for ly in model.model.layers:
             ly.mlp.gate_proj.weight[:8] *= 10  # make channels 0..7 the heaviest
     stats = collect_stats(model, torch.zeros(1, 4, dtype=torch.long))
-    scores = compute_scores(stats, model, before, "magnitude")
+    scores = compute_scores(stats, before, "magnitude")
     assert all(set(range(8)) <= set(f) for f in select(scores, before, Shape(4, 6, 2, before.head_dim, 64)).ffn)
 
 
@@ -129,7 +129,7 @@ def test_unknown_scorer_is_rejected(tiny_models):
     model, cfg = _load(tiny_models["llama"])
     stats = collect_stats(model, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown scorer"):
-        compute_scores(stats, model, Shape.from_config(cfg), "random")
+        compute_scores(stats, Shape.from_config(cfg), "random")
 
 
 def _channels(seed: int, tokens: int = 400, width: int = 12):
@@ -187,4 +187,4 @@ def test_obs_scorer_needs_the_ffn_order(tiny_models):
     model, cfg = _load(tiny_models["llama"])
     stats = collect_stats(model, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="ffn_order=True"):
-        compute_scores(stats, model, Shape.from_config(cfg), "obs")
+        compute_scores(stats, Shape.from_config(cfg), "obs")

@@ -1,0 +1,131 @@
+"""Streaming: a model read part by part from its folder gives what the whole model in memory gives,
+and holds no more than one decoder layer's weights at a time."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from serve_pruned.compress.evaluate import evaluate, greedy_continuations, mean_loss  # noqa: E402
+from serve_pruned.compress.importance import collect_stats  # noqa: E402
+from serve_pruned.compress.model_io import load_model, load_tokenizer  # noqa: E402
+from serve_pruned.compress.stream import Streamed  # noqa: E402
+from serve_pruned.model.source import inspect_folder  # noqa: E402
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # tied (llama, qwen2) and untied heads, q/k norms (qwen3)
+
+
+def _both(path, dtype=torch.float32):
+    whole = load_model(path, dtype=str(dtype).removeprefix("torch."), trust_remote_code=False)
+    return whole, Streamed.from_folder(inspect_folder(path), device="cpu", dtype=dtype)
+
+
+def _samples(vocab: int, n: int = 6, seq: int = 24) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_statistics_equal_the_whole_models(tiny_models, arch):
+    whole, lazy = _both(tiny_models[arch])
+    samples = _samples(whole.config.vocab_size)
+    a = collect_stats(whole, samples, batch_size=4, ffn_order=True).to_dict()
+    b = collect_stats(lazy, samples, batch_size=4, ffn_order=True).to_dict()
+    assert a.keys() == b.keys() and "norm.down_cols" in a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_perplexity_loss_and_greedy_tokens_equal_the_whole_models(tiny_models, tokenizer_dir, arch):
+    whole, lazy = _both(tiny_models[arch])
+    ids = _samples(whole.config.vocab_size, n=1, seq=300)[0].tolist()
+    keep: list = []
+    a = evaluate(whole, ids, seq_len=64, batch_size=2, keep_top1=keep)
+    b = evaluate(lazy, ids, seq_len=64, batch_size=2, reference_top1=keep)
+    assert b.perplexity == pytest.approx(a.perplexity, rel=1e-5)
+    assert b.tokens == a.tokens == 299 - 4  # 5 windows of 64 (the last of 44): one token fewer each
+    assert b.top1_agreement == 1.0
+    samples = _samples(whole.config.vocab_size)
+    assert mean_loss(lazy, samples) == pytest.approx(mean_loss(whole, samples), rel=1e-5)
+    tok = load_tokenizer(tokenizer_dir, trust_remote_code=False)
+    prompts = ["the model", "a small dense layer is"]
+    assert greedy_continuations(lazy, tok, prompts) == greedy_continuations(whole, tok, prompts)
+
+
+def test_a_streamed_pass_holds_one_layer_at_a_time(tiny_models):
+    _, lazy = _both(tiny_models["mistral"])
+    held: list[list[str]] = []
+
+    def on_layer(_i, _layer):
+        held.append(sorted({n.split(".")[2] for n, p in lazy.skeleton.named_parameters()
+                            if p.device.type != "meta" and n.startswith("model.layers.")}))
+
+    hidden, kwargs = lazy.embed([_samples(lazy.config.vocab_size)])
+    lazy.through(hidden, kwargs, on_layer=on_layer)
+    assert held == [[str(i)] for i in range(lazy.num_layers)]
+    assert all(p.device.type == "meta" for p in lazy.skeleton.parameters())  # and all are released after
+
+
+def test_bfloat16_onload_of_float32_weights(tiny_models):
+    """The compute dtype is the stage's, whatever the files store."""
+    whole, lazy = _both(tiny_models["llama"], dtype=torch.bfloat16)
+    with lazy.part("model.layers.0") as layer:
+        assert layer.mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = _samples(whole.config.vocab_size, n=1, seq=130)[0].tolist()
+    assert evaluate(lazy, ids, seq_len=64).perplexity == pytest.approx(evaluate(whole, ids, seq_len=64).perplexity,
+                                                                        rel=0.02)
+
+
+def test_a_tied_head_stays_tied_after_a_pass(tiny_models):
+    _, lazy = _both(tiny_models["llama"])  # tie_word_embeddings=True
+    with lazy.head() as head:
+        head(torch.zeros(1, 2, lazy.config.hidden_size))
+    assert lazy.skeleton.lm_head.weight is lazy.skeleton.model.embed_tokens.weight
+
+
+def test_package_without_distillation_never_loads_the_source_whole(tiny_models, text_files, tmp_path, monkeypatch):
+    """Scoring, the search, the refit and every quality stage stream the source; only the teacher needs it whole."""
+    from safetensors.torch import load_file
+
+    from serve_pruned.compress import model_io
+    from serve_pruned.compress import package as package_mod
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    def opts(out, **kw):
+        return PackageOptions(model=str(tiny_models["qwen3"]), out=out, calib=(str(text_files["calib"]),),
+                              eval_text=(str(text_files["eval"]),), num_samples=8, seq_len=32, multiple_of=32,
+                              target_params=0.8, distill_steps=0, eval_max_tokens=512, eval_seq_len=64, **kw)
+
+    loads: list[str] = []
+    real = model_io.load_model
+    for module in (model_io, package_mod):
+        monkeypatch.setattr(module, "load_model", lambda path, **kw: loads.append(str(path)) or real(path, **kw))
+    result = package(opts(tmp_path / "streamed"), progress=False)
+    assert loads == []
+    report = result.manifest.to_dict()["quality"]
+    assert report["recovered"]["perplexity"] < report["pruned"]["perplexity"]
+    assert report["original"]["top1_agreement"] is None and report["recovered"]["top1_agreement"] is not None
+    assert load_file(str(tmp_path / "streamed" / "model.safetensors")).keys()
+
+
+@pytest.mark.parametrize("arch", ("llama", "qwen3"))
+def test_pruning_a_streamed_model_gives_the_whole_models_pruned_weights(tiny_models, arch):
+    from serve_pruned.compress.importance import Selection
+    from serve_pruned.compress.prune import prune_model
+    from serve_pruned.model.shapes import Shape
+
+    whole, lazy = _both(tiny_models[arch])
+    config = whole.config.to_dict()
+    before = Shape.from_config(config)
+    after = Shape(before.num_layers - 1, before.num_heads, before.num_kv_heads, before.head_dim, 128)
+    layers = [0, 2, 3]
+    sel = Selection(layers=layers, kv_groups=[list(range(before.num_kv_heads))] * 3,
+                    heads=[list(range(before.num_heads))] * 3, ffn=[list(range(1, 256, 2))] * 3)
+    a, _ = prune_model(whole, config, before, after, sel)
+    b, _ = prune_model(lazy, config, before, after, sel)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
