@@ -99,6 +99,7 @@ class Manifest(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     quality: dict[str, Any] = Field(default_factory=dict)
     timings_s: dict[str, float] = Field(default_factory=dict)
+    peak_memory: dict[str, dict[str, float]] = Field(default_factory=dict)  # host_gib / device_gib per stage
     peak_rss_bytes: int | None = None
     tool_versions: dict[str, str] = Field(default_factory=dict)
     files: dict[str, FileEntry] = Field(default_factory=dict)

@@ -104,7 +104,7 @@ def _quality(plan: PackagePlan, loaded: Loaded, timer: Timer, *, progress: bool,
     with timer("load"):
         ids = eval_tokens(tokenizer, plan.eval, max_tokens=opts.eval_max_tokens) if plan.eval else []
         ood_ids = eval_tokens(tokenizer, plan.ood, max_tokens=opts.eval_max_tokens) if plan.ood else []
-    quality = Quality(opts, tokenizer, ids, ood_ids, device=loaded.device, progress=progress, log=log)
+    quality = Quality(opts, tokenizer, ids, ood_ids, timer=timer, device=loaded.device, progress=progress, log=log)
     quality.reference = loaded.original if opts.eval_baseline else None
     if opts.eval_baseline:
         quality.stage("original", loaded.original)

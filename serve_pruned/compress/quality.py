@@ -5,12 +5,12 @@ Measuring (``Quality.stage``) is kept apart from formatting (``describe``) and f
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 from serve_pruned.compress.data import FACT_PROMPTS, TextSource, fingerprint_sources
 from serve_pruned.compress.progress import progress_bar
+from serve_pruned.compress.timer import Timer
 from serve_pruned.options import PackageOptions
 
 Log = Callable[[str], None]
@@ -20,7 +20,8 @@ class Quality:
     """Quality of each stage on held-out text (and out-of-domain text, and fact prompts), vs the original."""
 
     def __init__(self, opts: PackageOptions, tokenizer: Any, ids: list[int], ood_ids: list[int], *,
-                 device: Any = None, progress: bool, log: Log) -> None:
+                 timer: Timer | None = None, device: Any = None, progress: bool, log: Log) -> None:
+        self.timer = timer or Timer()  # the "eval" stage's clock and memory
         self.opts, self.tokenizer, self.ids, self.ood_ids = opts, tokenizer, ids, ood_ids
         self.device = device  # where each stage's model runs, layer by layer (None: where its weights are)
         self.progress, self.log = progress, log
@@ -29,19 +30,22 @@ class Quality:
         self.reference: Any = None
         self.reference_top1: dict[str, list[Any]] = {}
         self.reference_continuations: list[list[int]] = []
-        self.seconds = 0.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.ids)
 
     def stage(self, name: str, model: Any) -> None:
+        """Measure ``model`` as the report's stage ``name`` (timed as the run's "eval" stage)."""
         if not self.enabled:
             return
+        with self.timer("eval"):
+            self._measure(name, model)
+
+    def _measure(self, name: str, model: Any) -> None:
         from serve_pruned.compress.evaluate import eval_passes, evaluate, greedy_continuations, prompt_agreement
         from serve_pruned.compress.stream import streamed
 
-        t = time.perf_counter()
         model = streamed(model, self.device)
         is_original = name == "original"
         entry: dict[str, Any] = {}
@@ -75,7 +79,6 @@ class Quality:
                                                               / base["out_of_domain"]["perplexity"])
         self.report[name] = entry
         self.log(describe(name, entry))
-        self.seconds += time.perf_counter() - t
 
     def manifest_section(self, *, eval_sources: list[TextSource], ood_sources: list[TextSource]) -> dict[str, Any]:
         """The manifest's ``quality``: what was measured on, and each stage's entry."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,18 +48,16 @@ def write_package(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
         config = {**pruned.current.config, "dtype": str(save_dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if qplan is not None:
-            t = _quantize_and_save(model, loaded, qplan, quality, timer, tmp, config, log=log)
+            _quantize_and_save(model, loaded, qplan, quality, timer, tmp, config, log=log)
         else:
-            t = time.perf_counter()
-            model.save_pretrained(tmp)
+            with timer("write"):
+                model.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for pattern in CARRY_PATTERNS:
             for f in plan.src.path.glob(pattern):
                 if f.is_file() and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
         weight_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        timer.add("eval", quality.seconds)
-        timer.add("write", time.perf_counter() - t)
         timer.add("total", timer.elapsed())
         body = manifest_body(plan, loaded, pruned, quality, timer, qplan=qplan, weight_bytes=weight_bytes,
                              dtype_bytes=torch.tensor([], dtype=save_dtype).element_size(),
@@ -72,8 +69,8 @@ def write_package(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
 
 
 def _quantize_and_save(model: Any, loaded: Loaded, qplan: QuantPlan, quality: Quality, timer: Timer, tmp: Path,
-                       config: dict[str, Any], *, log: Log) -> float:
-    """llmcompressor into compressed-tensors; returns when the saving began (the write stage's clock)."""
+                       config: dict[str, Any], *, log: Log) -> None:
+    """llmcompressor into compressed-tensors."""
     from serve_pruned.compress.quantize import apply_quantization, save_quantized
 
     log(f"quantizing ({qplan.scheme}{f', group size {qplan.group_size}' if qplan.group_size else ''}) "
@@ -84,10 +81,9 @@ def _quantize_and_save(model: Any, loaded: Loaded, qplan: QuantPlan, quality: Qu
         model.config._name_or_path = str(tmp)
         recipe = apply_quantization(model, loaded.tokenizer, qplan, loaded.samples)
     quality.stage("quantized", model)
-    t = time.perf_counter()
-    save_quantized(model, loaded.tokenizer, recipe, tmp)
+    with timer("write"):
+        save_quantized(model, loaded.tokenizer, recipe, tmp)
     config["quantization_config"] = json.loads((tmp / "config.json").read_text())["quantization_config"]
-    return t
 
 
 def manifest_body(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Quality, timer: Timer, *,
@@ -119,6 +115,7 @@ def manifest_body(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
         "options": opts.public(),
         "quality": quality.manifest_section(eval_sources=plan.eval, ood_sources=plan.ood),
         "timings_s": timer.as_manifest(),
+        "peak_memory": timer.memory_manifest(),
         "peak_rss_bytes": peak_rss_bytes(),
         "tool_versions": tool_versions(),
     }

@@ -108,6 +108,8 @@ def test_package_without_distillation_never_loads_the_source_whole(tiny_models, 
     assert report["recovered"]["perplexity"] < report["pruned"]["perplexity"]
     assert report["original"]["top1_agreement"] is None and report["recovered"]["top1_agreement"] is not None
     assert load_file(str(tmp_path / "streamed" / "model.safetensors")).keys()
+    peaks = result.manifest.peak_memory["host_gib"]  # each stage's own peak, in the manifest
+    assert {"load", "score", "prune", "refit", "eval", "write"} <= set(peaks) and all(v > 0.1 for v in peaks.values())
 
 
 @pytest.mark.parametrize("arch", ("llama", "qwen3"))
