@@ -95,6 +95,7 @@ bench: setup setup-bench
 	$(PY) bench/distill_speed.py
 	$(PY) bench/exporter_scrape.py
 	$(PY) bench/torch_pruning.py
+	$(PY) bench/scale.py --before b787fa2
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache
