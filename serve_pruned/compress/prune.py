@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from serve_pruned.compress.importance import Selection
 from serve_pruned.compress.stream import Streamed
+from serve_pruned.compress.weights import ModuleTensors, Tensors
 from serve_pruned.model.shapes import RESIZE, Shape, split_layer_name
 
 
@@ -18,38 +18,41 @@ def _channel_index(units: list[int], width: int) -> torch.Tensor:
     return torch.cat([torch.arange(u * width, (u + 1) * width) for u in units])
 
 
-def prune_state_dict(
-    state: Iterable[tuple[str, torch.Tensor]], before: Shape, after: Shape, sel: Selection
-) -> dict[str, torch.Tensor]:
-    """Slice every layer tensor down to ``after``; dropped layers vanish and the rest are renumbered.
+class PrunedTensors:
+    """The tensors of ``source`` as the pruned model names them: kept layers renumbered, sliced to the kept heads,
+    KV groups and FFN channels, each read (and sliced) only when asked for."""
 
-    ``state`` is read one tensor at a time (a streamed model's tensors come straight from its files), so only
-    the pruned tensors and the one being sliced are in memory together."""
-    hd = before.head_dim
-    new_index = {old: new for new, old in enumerate(sel.layers)}
-    index_cache: dict[int, dict[str, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state:
-        parts = split_layer_name(name)
-        if parts is None:
-            out[name] = tensor
-            continue
-        old, rest = parts
-        if old not in new_index:
-            continue
-        new = new_index[old]
-        if new not in index_cache:
-            index_cache[new] = {
-                "q": _channel_index(sel.heads[new], hd),
-                "kv": _channel_index(sel.kv_groups[new], hd),
-                "ffn": torch.tensor(sel.ffn[new], dtype=torch.long),
-            }
-        new_name = name.replace(f"layers.{old}.", f"layers.{new}.", 1)
-        if rest in RESIZE:
-            axis, kind = RESIZE[rest]
-            tensor = tensor.index_select(axis, index_cache[new][kind]).contiguous()
-        out[new_name] = tensor
-    return out
+    def __init__(self, source: Tensors, before: Shape, sel: Selection) -> None:
+        self.source, self.sel, self._hd = source, sel, before.head_dim
+        new_index = {old: new for new, old in enumerate(sel.layers)}
+        self._from: dict[str, tuple[str, int | None, str]] = {}  # new name -> (old name, new layer, rest)
+        for name in source.names():
+            parts = split_layer_name(name)
+            if parts is None:
+                self._from[name] = (name, None, "")
+            elif parts[0] in new_index:
+                new = new_index[parts[0]]
+                self._from[name.replace(f"layers.{parts[0]}.", f"layers.{new}.", 1)] = (name, new, parts[1])
+        self._index: dict[int, dict[str, torch.Tensor]] = {}
+
+    def names(self) -> list[str]:
+        return list(self._from)
+
+    def get(self, name: str) -> torch.Tensor:
+        old, layer, rest = self._from[name]
+        tensor = self.source.get(old)
+        if layer is None or rest not in RESIZE:
+            return tensor
+        axis, kind = RESIZE[rest]
+        return tensor.index_select(axis, self._indices(layer)[kind]).contiguous()
+
+    def _indices(self, layer: int) -> dict[str, torch.Tensor]:
+        if layer not in self._index:
+            sel, hd = self.sel, self._hd
+            self._index[layer] = {"q": _channel_index(sel.heads[layer], hd),
+                                  "kv": _channel_index(sel.kv_groups[layer], hd),
+                                  "ffn": torch.tensor(sel.ffn[layer], dtype=torch.long)}
+        return self._index[layer]
 
 
 def pruned_config(config: dict, after: Shape, sel: Selection) -> dict:
@@ -89,9 +92,36 @@ def build_model(model: Any, cfg: dict, state: dict[str, torch.Tensor]) -> Any:
     return new
 
 
+def tensors_of(model: Any) -> Tensors:
+    """Where ``model``'s tensors are read from: a :class:`Streamed` model (in its compute dtype), or a model in
+    memory."""
+    return model if isinstance(model, Streamed) else ModuleTensors(model)
+
+
+def pruned_view(model: Any, config: dict, before: Shape, after: Shape, sel: Selection, *,
+                device: Any = None) -> Streamed:
+    """The pruned model as a :class:`Streamed` one: nothing is sliced until a part is onloaded."""
+    like = model.skeleton if isinstance(model, Streamed) else model
+    device = device if device is not None else (model.device if isinstance(model, Streamed) else "cpu")
+    return Streamed.skeleton_of(type(like.config).from_dict(pruned_config(config, after, sel)), type(like),
+                                PrunedTensors(tensors_of(model), before, sel), device=device, dtype=None)
+
+
 def prune_model(model: Any, config: dict, before: Shape, after: Shape, sel: Selection) -> tuple[Any, dict]:
     """The pruned model (whole, in memory) of ``model`` (in memory, or :class:`Streamed`), and its config dict."""
     cfg = pruned_config(config, after, sel)
-    if isinstance(model, Streamed):
-        return build_model(model.skeleton, cfg, prune_state_dict(model.state(), before, after, sel)), cfg
-    return build_model(model, cfg, prune_state_dict(model.state_dict().items(), before, after, sel)), cfg
+    view = PrunedTensors(tensors_of(model), before, sel)
+    like = model.skeleton if isinstance(model, Streamed) else model
+    return build_model(like, cfg, {name: view.get(name) for name in view.names()}), cfg
+
+
+def whole_model(model: Any, dtype: torch.dtype | None = None) -> Any:
+    """``model`` whole in memory on the host (a :class:`Streamed` one read tensor by tensor, each cast to ``dtype``
+    as it is read, so the model is never held twice)."""
+    if not isinstance(model, Streamed):
+        return model.to(dtype) if dtype is not None else model
+    state = {}
+    for name in model.names():
+        tensor = model.get(name)
+        state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return build_model(model.skeleton, model.config.to_dict(), state)

@@ -16,6 +16,7 @@ attention's output. Each layer costs a few forward passes of that layer over the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,11 +97,12 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
 def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Tensor, *,
           attention: bool = True, mlp: bool = True, batch_size: int = 4, damp: float = 0.01,
           target: str = "block", device: Any = None, progress: Any = None,
-          measure_only: bool = False) -> dict[str, float]:
+          on_layer: Callable[[int, Any], None] | None = None, measure_only: bool = False) -> dict[str, float]:
     """Refit every pruned layer's ``o_proj`` (when ``attention``) and ``down_proj`` (when ``mlp``) in place.
 
     Both models run layer by layer on ``device`` (default: where their weights are), one pruned layer and the
-    original layers it is fitted to onloaded at a time.
+    original layers it is fitted to onloaded at a time. ``on_layer(i, layer)`` sees each pruned layer once it is
+    final, while it is still onloaded (a streamed model's refit weights live only that long: write them there).
 
     With ``measure_only`` nothing changes: the result is the reconstruction error of the current
     weights on ``samples`` (e.g. held-out text).
@@ -141,6 +143,8 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
             _refit_layer(layer, orig, hidden, kwargs, streams, errors, attention=attention, mlp=mlp, damp=damp,
                          measure_only=measure_only)
         hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+        if on_layer is not None:
+            on_layer(li, layer)
         if progress is not None:
             progress.update(1)
     return {k: sum(v) / len(v) for k, v in errors.items()}

@@ -92,14 +92,16 @@ def _shapes_of(model: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _save_step(folder: Path, cur: Current, report: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
+    """Mark step ``folder`` done: its model's shards (written unless the step left them there) and done.json."""
     from serve_pruned.atomic import atomic_write_text
+    from serve_pruned.compress.shards import ShardWriter, write_layers
+    from serve_pruned.compress.stream import Streamed
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".model.safetensors.tmp"
-    save_file({n: p.detach().contiguous() for n, p in cur.model.named_parameters()}, str(tmp))
-    tmp.replace(folder / "model.safetensors")
+    if not (isinstance(cur.model, Streamed) and cur.model.tensors is not None
+            and Path(getattr(cur.model.tensors, "folder", "")) == folder / "model"):
+        writer = ShardWriter(folder / "model", cur.config)
+        write_layers(writer, Streamed.resident(cur.model))
+        writer.close()
     atomic_write_text(folder / "done.json", json.dumps({
         "config": cur.config, "shape": cur.shape.to_dict(), "params": cur.params,
         "kept": {"layers": cur.kept.layers, "kv_groups": cur.kept.kv_groups, "heads": cur.kept.heads,
@@ -107,29 +109,36 @@ def _save_step(folder: Path, cur: Current, report: dict[str, Any]) -> None:
         "report": report}) + "\n")
 
 
-def _load_step(folder: Path, like: Any) -> tuple[Current, dict[str, Any]] | None:
-    from safetensors.torch import load_file
-
+def _load_step(folder: Path, *, device: Any, dtype: Any) -> tuple[Current, dict[str, Any]] | None:
     from serve_pruned.compress.importance import Selection
-    from serve_pruned.compress.prune import build_model
 
     done = folder / "done.json"
     if not done.is_file():
         return None
     d = json.loads(done.read_text())
-    model = build_model(like, d["config"], load_file(str(folder / "model.safetensors")))
+    model = _step_model(folder, device=device, dtype=dtype)
     return Current(model, d["config"], Shape(**d["shape"]), Selection(**d["kept"]), d["params"]), d["report"]
+
+
+def _step_model(folder: Path, *, device: Any, dtype: Any) -> Any:
+    """The model a step wrote to ``folder/model``, streamed from there."""
+    from serve_pruned.compress.stream import Streamed
+    from serve_pruned.model.source import inspect_folder
+
+    return Streamed.from_folder(inspect_folder(folder / "model"), device=device, dtype=dtype)
 
 
 def _search(
     model: Any, config: dict, before: Shape, candidates: list[Candidate], scores: Any, samples: Any, *,
     opts: PackageOptions, device: Any, progress: bool, log: Log,
 ) -> tuple[Candidate, list[dict[str, Any]]]:
-    """Prune to every candidate shape and keep the one with the lowest calibration loss."""
+    """Prune to every candidate shape and keep the one with the lowest calibration loss.
+
+    A candidate is a streamed view of ``model``: each layer is sliced as the loss pass reaches it, so no
+    candidate is ever built whole."""
     from serve_pruned.compress.evaluate import mean_loss
     from serve_pruned.compress.importance import select
-    from serve_pruned.compress.prune import prune_model
-    from serve_pruned.compress.stream import streamed
+    from serve_pruned.compress.prune import pruned_view
 
     if len(candidates) == 1:
         return candidates[0], []
@@ -140,11 +149,10 @@ def _search(
     from tqdm.auto import tqdm
 
     for cand in tqdm(tried, desc="searching shapes", disable=not progress, leave=False):
-        pruned, _ = prune_model(model, config, before, cand.shape, select(scores, before, cand.shape))
-        loss = mean_loss(streamed(pruned, device), held_out, batch_size=opts.batch_size)
+        view = pruned_view(model, config, before, cand.shape, select(scores, before, cand.shape), device=device)
+        loss = mean_loss(view, held_out, batch_size=opts.batch_size)
         results.append({**cand.shape.to_dict(), "params": cand.params, "fraction": round(cand.fraction, 5),
                         "calib_loss": round(loss, 5)})
-        del pruned
     best = min(range(len(tried)), key=lambda i: (results[i]["calib_loss"], -tried[i].params))
     log(f"shape search: {len(tried)} shapes tried, best calibration loss {results[best]['calib_loss']:.4f}")
     return tried[best], results
@@ -229,7 +237,7 @@ class Steps:
         for k, target in enumerate(targets):
             where = f"step {k + 1}/{len(targets)}"
             last = k == len(targets) - 1
-            resumed = _load_step(root / f"step-{k + 1}", original.skeleton)
+            resumed = _load_step(root / f"step-{k + 1}", device=self.loaded.device, dtype=original.dtype)
             if resumed is not None and not last:
                 done.current, report = resumed
                 done.steps.append({**report, "resumed": True})
@@ -247,9 +255,14 @@ class Steps:
 
     def step(self, k: int, cur: Current, target: float | None, *, where: str, last: bool, distill_steps: int,
              dsamples: Any, step_dir: Path) -> tuple[Current, Candidate, dict[str, Any]]:
-        """Score, search, prune, refit and distill once; returns the new state, its shape and the step report."""
+        """Score, search, prune, refit and distill once; returns the new state, its shape and the step report.
+
+        The pruned model is a streamed view of the current one until the refit writes it, layer by layer, to
+        ``step_dir/model`` (sharded safetensors); the next stages stream it from there. Only distillation
+        holds it whole."""
         from serve_pruned.compress.importance import select
-        from serve_pruned.compress.prune import prune_model
+        from serve_pruned.compress.prune import pruned_config, pruned_view, whole_model
+        from serve_pruned.compress.shards import ShardWriter, write_layers
 
         plan, opts = self.plan, self.opts
         report: dict[str, Any] = {"step": k + 1}
@@ -263,18 +276,26 @@ class Steps:
             chosen, search = _search(cur.model, cur.config, cur.shape, candidates, scores, self.loaded.samples,
                                      opts=opts, device=self.loaded.device, progress=self.progress, log=self.log)
             sel = select(scores, cur.shape, chosen.shape)
-            new_model, new_cfg = prune_model(cur.model, cur.config, cur.shape, chosen.shape, sel)
-            params = count_params(_shapes_of(new_model), chosen.shape)
+            view = pruned_view(cur.model, cur.config, cur.shape, chosen.shape, sel, device=self.loaded.device)
+            new_cfg = pruned_config(cur.config, chosen.shape, sel)
+            params = count_params(_shapes_of(view), chosen.shape)
         report.update(target=round(target, 5) if target is not None else None, shape=chosen.shape.to_dict(),
                       params=params, fraction=round(params / plan.total, 5), shape_search=search)
         self.log(f"{where}: pruned to {chosen.shape.to_dict()} = {params / plan.total:.3f} of the parameters")
         if last:
-            self.quality.stage("pruned", new_model)
+            self.quality.stage("pruned", view)
         kept = _compose(cur.kept, sel)
+        writer = ShardWriter(step_dir / "model", new_cfg)
+        refit = False
         if opts.recover and opts.refit and self.loaded.samples is not None:
-            self.refit(new_model, cur, chosen.shape, kept, dropped=sel.layers != list(range(cur.shape.num_layers)),
-                       where=where, report=report)
+            refit = self.refit(view, cur, chosen.shape, kept, dropped=sel.layers != list(range(cur.shape.num_layers)),
+                               where=where, report=report, writer=writer)
+        with self.timer("prune"):
+            write_layers(writer, view, skip_layers=refit)
+            writer.close()
+        new_model: Any = _step_model(step_dir, device=self.loaded.device, dtype=self.loaded.original.dtype)
         if distill_steps > 0 and dsamples is not None:
+            new_model = whole_model(new_model)
             self.distill(new_model, dsamples, distill_steps, where=where, step_dir=step_dir, report=report)
         return (Current(new_model, new_cfg, chosen.shape, kept, params), Candidate(chosen.shape, params,
                 params / plan.total), report)
@@ -301,25 +322,31 @@ class Steps:
         return compute_scores(stats, cur.shape, opts.scorer_used)
 
     def refit(self, new_model: Any, cur: Current, shape: Shape, kept: Selection, *, dropped: bool, where: str,
-              report: dict[str, Any]) -> None:
-        """Least-squares refit of the pruned blocks' output projections (closed form)."""
+              report: dict[str, Any], writer: Any) -> bool:
+        """Least-squares refit of the pruned blocks' output projections (closed form), each finished layer
+        written to ``writer``; False when nothing needed a refit (and nothing was written)."""
         opts = self.opts
         # the stream target corrects drift wherever it is, so every layer's o_proj and down_proj is refit
         stream = opts.refit_target == "stream"
         attn = shape.num_heads < cur.shape.num_heads or dropped or stream
         mlp = shape.intermediate_size < cur.shape.intermediate_size or dropped or stream
         if not (attn or mlp):
-            return
+            return False
         from serve_pruned.compress.refit import refit
+
+        def write(i: int, layer: Any) -> None:
+            writer.add({f"model.layers.{i}.{n}": p for n, p in layer.named_parameters()})
+
 
         which = " + ".join(n for n, on in (("o_proj", attn), ("down_proj", mlp)) if on)
         with self.timer("refit"), progress_bar(shape.num_layers, f"{where}: refitting {which}", self.progress) as bar:
             report["refit"] = refit(new_model, self.loaded.original, kept.layers, self.loaded.samples, attention=attn,
                                     mlp=mlp, batch_size=opts.batch_size, target=opts.refit_target,
-                                    device=self.loaded.device, progress=bar)
+                                    device=self.loaded.device, progress=bar, on_layer=write)
         self.log(f"{where}: refit {which}: block error " + ", ".join(
             f"{n} {report['refit'][f'{n}_rel_error_before']:.3f} -> {report['refit'][f'{n}_rel_error_after']:.3f}"
             for n in ("attn", "mlp") if f"{n}_rel_error_before" in report["refit"]))
+        return True
 
     def distill(self, new_model: Any, dsamples: Any, steps: int, *, where: str, step_dir: Path,
                 report: dict[str, Any]) -> None:

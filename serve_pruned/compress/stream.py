@@ -95,7 +95,7 @@ class Streamed:
             return
         # the skeleton's own meta parameters go back when the block ends, so ties (a tied head) survive
         saved = [(sub, key, p) for sub in module.modules() for key, p in sub._parameters.items() if p is not None]
-        state = {local: self.tensor(f"{name}.{local}").to(self.device) for local, _ in module.named_parameters()}
+        state = {local: self.get(f"{name}.{local}").to(self.device) for local, _ in module.named_parameters()}
         module.load_state_dict(state, strict=True, assign=True)
         try:
             yield module
@@ -103,17 +103,20 @@ class Streamed:
             for sub, key, p in saved:
                 sub._parameters[key] = p
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor by its checkpoint name, on the host, in the compute dtype (a tied head reads the embedding)."""
-        assert self.tensors is not None, "a resident model's tensors are its parameters"
+    def names(self) -> list[str]:
+        """The checkpoint's tensor names (a tied head is not one of them)."""
+        if self.tensors is None:
+            return [n for n, _ in self.skeleton.named_parameters()]
+        return self.tensors.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by its checkpoint name, on the host, in the compute dtype (a tied head reads the embedding).
+
+        With :meth:`names` this makes a streamed model a tensor source of its own (a pruned view reads it)."""
+        if self.tensors is None:
+            return self.skeleton.get_parameter(name).detach()
         tensor = self.tensors.get(TIED_HEAD if name == f"{HEAD}.weight" and name not in self._names else name)
         return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
-
-    def state(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor of the checkpoint in turn (never all at once), in the compute dtype."""
-        assert self.tensors is not None, "a resident model's tensors are its parameters"
-        for name in self.tensors.names():
-            yield name, self.tensor(name)
 
     @property
     def _names(self) -> set[str]:

@@ -44,7 +44,10 @@ def write_package(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
     save_dtype = getattr(torch, config_dtype(plan.src.config) or "float32")  # transformers' default when undeclared
     qplan = plan.quantization(pruned.chosen.shape)
     with atomic_dir(plan.out, overwrite=plan.opts.overwrite, owner=PACKAGE_OWNER) as tmp:
-        model = pruned.current.model.to(save_dtype)
+        from serve_pruned.compress.prune import whole_model
+
+        # the one stage that holds the pruned model whole: transformers saves it, llmcompressor quantizes it
+        model = whole_model(pruned.current.model, save_dtype)
         config = {**pruned.current.config, "dtype": str(save_dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if qplan is not None:

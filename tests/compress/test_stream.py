@@ -84,8 +84,9 @@ def test_a_tied_head_stays_tied_after_a_pass(tiny_models):
     assert lazy.skeleton.lm_head.weight is lazy.skeleton.model.embed_tokens.weight
 
 
-def test_package_without_distillation_never_loads_the_source_whole(tiny_models, text_files, tmp_path, monkeypatch):
-    """Scoring, the search, the refit and every quality stage stream the source; only the teacher needs it whole."""
+def test_package_without_distillation_holds_no_model_whole_before_the_write(tiny_models, text_files, tmp_path, monkeypatch):
+    """Scoring, the search, the refit and every quality stage stream the source and the pruned model (the refit
+    writes it as shards); only distillation's teacher and student, and the writer, hold a model whole."""
     from safetensors.torch import load_file
 
     from serve_pruned.compress import model_io
@@ -98,12 +99,17 @@ def test_package_without_distillation_never_loads_the_source_whole(tiny_models, 
                               eval_text=(str(text_files["eval"]),), num_samples=8, seq_len=32, multiple_of=32,
                               target_params=0.8, distill_steps=0, eval_max_tokens=512, eval_seq_len=64, **kw)
 
+    from serve_pruned.compress import prune
+
     loads: list[str] = []
     real = model_io.load_model
     for module in (model_io, package_mod):
         monkeypatch.setattr(module, "load_model", lambda path, **kw: loads.append(str(path)) or real(path, **kw))
+    built: list[int] = []  # whole models built from tensors: only the write stage's, to save it
+    real_build = prune.build_model
+    monkeypatch.setattr(prune, "build_model", lambda *a, **kw: built.append(1) or real_build(*a, **kw))
     result = package(opts(tmp_path / "streamed"), progress=False)
-    assert loads == []
+    assert loads == [] and built == [1]
     report = result.manifest.to_dict()["quality"]
     assert report["recovered"]["perplexity"] < report["pruned"]["perplexity"]
     assert report["original"]["top1_agreement"] is None and report["recovered"]["top1_agreement"] is not None
@@ -131,3 +137,20 @@ def test_pruning_a_streamed_model_gives_the_whole_models_pruned_weights(tiny_mod
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def test_shards_are_a_folder_transformers_loads(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from serve_pruned.compress.shards import ShardWriter, write_layers
+
+    whole, lazy = _both(tiny_models["llama"])
+    writer = ShardWriter(tmp_path / "m", whole.config.to_dict())
+    write_layers(writer, lazy)
+    folder = writer.close()
+    assert len(list(folder.glob("model-*-of-00005.safetensors"))) == 5  # head and embedding, then 4 layers
+    assert not list(folder.glob(".part-*"))
+    again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = _samples(whole.config.vocab_size, n=1, seq=70)[0].tolist()
+    assert evaluate(again, ids, seq_len=64).perplexity == pytest.approx(evaluate(whole, ids, seq_len=64).perplexity)
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied
