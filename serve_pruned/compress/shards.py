@@ -1,8 +1,9 @@
 """A model written part by part as standard sharded safetensors with an index, so it is never whole in memory.
 
-Each :meth:`ShardWriter.add` writes one shard (a decoder layer, or the embedding and head) as soon as that part
-is final; :meth:`ShardWriter.close` names them ``model-0000K-of-0000N.safetensors`` and writes
-``model.safetensors.index.json`` and ``config.json``, the layout transformers and vLLM read.
+:meth:`ShardWriter.add` takes one part (a decoder layer, or the embedding and head) as soon as it is final and
+writes a shard whenever enough is gathered; :meth:`ShardWriter.close` names them
+``model-0000K-of-0000N.safetensors`` and writes ``model.safetensors.index.json`` and ``config.json``, the layout
+transformers and vLLM read.
 """
 
 from __future__ import annotations
@@ -19,37 +20,54 @@ INDEX = "model.safetensors.index.json"
 
 
 class ShardWriter:
-    """Shards of one model into ``folder`` (created; an earlier model's shards there are replaced)."""
+    """Shards of one model into ``folder`` (created; an earlier model's shards there are replaced).
 
-    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+    Parts are gathered until they pass ``max_shard_bytes`` (0, the default: each part is a shard of its own, and
+    nothing is held; transformers saves 5 GB shards), so what is held at once is one shard. One shard alone is
+    named ``model.safetensors`` with no index, as transformers saves it.
+    """
+
+    def __init__(self, folder: Path, config: dict[str, Any], *, max_shard_bytes: int = 0) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        for old in self.folder.glob("*.safetensors"):  # our own earlier, unfinished write of this step
-            old.unlink()
+        for old in [*self.folder.glob("*.safetensors"), *self.folder.glob(".part-*.safetensors")]:
+            old.unlink()  # our own earlier, unfinished write of this model
         (self.folder / INDEX).unlink(missing_ok=True)
-        self.config = config
+        self.config, self.max_shard_bytes = config, max_shard_bytes
         self._parts: list[list[str]] = []
+        self._pending: dict[str, torch.Tensor] = {}
         self._bytes = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Write ``tensors`` (host copies are made of device tensors) as the next shard."""
+        """Take ``tensors`` (host copies are made of device tensors); a shard is written once enough is held."""
+        for name, t in tensors.items():
+            self._pending[name] = t.detach().to("cpu").contiguous()
+        if sum(t.numel() * t.element_size() for t in self._pending.values()) >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        save_file(host, str(self.folder / f".part-{len(self._parts):05d}.safetensors"), metadata={"format": "pt"})
-        self._parts.append(list(host))
-        self._bytes += sum(t.numel() * t.element_size() for t in host.values())
+        if not self._pending:
+            return
+        save_file(self._pending, str(self.folder / f".part-{len(self._parts):05d}.safetensors"),
+                  metadata={"format": "pt"})
+        self._parts.append(list(self._pending))
+        self._bytes += sum(t.numel() * t.element_size() for t in self._pending.values())
+        self._pending = {}
 
     def close(self) -> Path:
-        """Name the shards, write the index and config.json; returns the folder."""
+        """Write what is pending, name the shards, write the index (several shards) and config.json."""
+        self._flush()
         n = len(self._parts)
         weight_map = {}
         for k, names in enumerate(self._parts):
-            final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            final = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
             (self.folder / f".part-{k:05d}.safetensors").replace(self.folder / final)
             weight_map.update(dict.fromkeys(names, final))
-        atomic_write_text(self.folder / INDEX, json.dumps(
-            {"metadata": {"total_size": self._bytes}, "weight_map": weight_map}, indent=2) + "\n")
+        if n > 1:
+            atomic_write_text(self.folder / INDEX, json.dumps(
+                {"metadata": {"total_size": self._bytes}, "weight_map": weight_map}, indent=2) + "\n")
         atomic_write_text(self.folder / "config.json", json.dumps(self.config, indent=2) + "\n")
         return self.folder
 

@@ -25,10 +25,11 @@ _HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors spec caps the JSON header a
 
 @dataclass
 class TensorInfo:
-    dtype: str
+    dtype: str  # the safetensors dtype name: F32, BF16, ...
     shape: tuple[int, ...]
     nbytes: int
     file: str
+    offset: int = 0  # where its bytes start in the file
 
 
 @dataclass
@@ -85,7 +86,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         begin, stop = meta["data_offsets"]
         end = max(end, stop)
-        tensors[name] = TensorInfo(meta["dtype"], tuple(meta["shape"]), stop - begin, path.name)
+        tensors[name] = TensorInfo(meta["dtype"], tuple(meta["shape"]), stop - begin, path.name, 8 + header_len + begin)
     if 8 + header_len + end > size:
         raise CorruptWeightsError(
             f"{path.name} is truncated: its header announces {8 + header_len + end} bytes, the file has {size}",

@@ -84,7 +84,8 @@ def test_a_tied_head_stays_tied_after_a_pass(tiny_models):
     assert lazy.skeleton.lm_head.weight is lazy.skeleton.model.embed_tokens.weight
 
 
-def test_package_without_distillation_holds_no_model_whole_before_the_write(tiny_models, text_files, tmp_path, monkeypatch):
+def test_package_without_distillation_holds_no_model_whole_before_writing(tiny_models, text_files, tmp_path,
+                                                                          monkeypatch):
     """Scoring, the search, the refit and every quality stage stream the source and the pruned model (the refit
     writes it as shards); only distillation's teacher and student, and the writer, hold a model whole."""
     from safetensors.torch import load_file
@@ -145,7 +146,7 @@ def test_shards_are_a_folder_transformers_loads(tiny_models, tmp_path):
     from serve_pruned.compress.shards import ShardWriter, write_layers
 
     whole, lazy = _both(tiny_models["llama"])
-    writer = ShardWriter(tmp_path / "m", whole.config.to_dict())
+    writer = ShardWriter(tmp_path / "m", whole.config.to_dict())  # a shard per part
     write_layers(writer, lazy)
     folder = writer.close()
     assert len(list(folder.glob("model-*-of-00005.safetensors"))) == 5  # head and embedding, then 4 layers
@@ -154,3 +155,31 @@ def test_shards_are_a_folder_transformers_loads(tiny_models, tmp_path):
     ids = _samples(whole.config.vocab_size, n=1, seq=70)[0].tolist()
     assert evaluate(again, ids, seq_len=64).perplexity == pytest.approx(evaluate(whole, ids, seq_len=64).perplexity)
     assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_one_shard_is_named_as_transformers_names_it(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    from serve_pruned.compress.shards import ShardWriter, write_layers
+
+    whole, lazy = _both(tiny_models["qwen3"])
+    writer = ShardWriter(tmp_path / "m", whole.config.to_dict(), max_shard_bytes=2**30)
+    write_layers(writer, lazy)
+    folder = writer.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert load_file(folder / "model.safetensors").keys() == dict(whole.named_parameters()).keys()
+
+
+def test_folder_tensors_read_exactly_what_safetensors_reads(tokenizer_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from serve_pruned.compress.weights import FolderTensors
+    from tiny import make_tiny_model
+
+    folder = make_tiny_model("mistral", tmp_path / "bf16", tokenizer_dir, dtype="bfloat16")
+    tensors = FolderTensors(inspect_folder(folder))
+    reference = load_file(folder / "model.safetensors")
+    assert sorted(tensors.names()) == sorted(reference)
+    for name, want in reference.items():
+        got = tensors.get(name)
+        assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want), name
