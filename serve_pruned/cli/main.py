@@ -91,7 +91,7 @@ def _package_text(out: Path, m: Manifest) -> str:
                                                    if k != "checks_s"))
     if m.peak_rss_bytes:
         lines.append(f"  peak RSS       {m.peak_rss_bytes / 2**30:.2f} GiB")
-    for key, where in (("host_gib", "host"), ("device_gib", "device")):
+    for key, where in (("host_gib", "host"), ("host_anon_gib", "host anon"), ("device_gib", "device")):
         if m.peak_memory.get(key):
             lines.append(f"  peak {where:<9} " + ", ".join(f"{k} {v:.2f}" for k, v in m.peak_memory[key].items())
                          + " GiB")

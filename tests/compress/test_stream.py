@@ -172,9 +172,9 @@ def test_one_shard_is_named_as_transformers_names_it(tiny_models, tmp_path):
 
 def test_folder_tensors_read_exactly_what_safetensors_reads(tokenizer_dir, tmp_path):
     from safetensors.torch import load_file
+    from tiny import make_tiny_model
 
     from serve_pruned.compress.weights import FolderTensors
-    from tiny import make_tiny_model
 
     folder = make_tiny_model("mistral", tmp_path / "bf16", tokenizer_dir, dtype="bfloat16")
     tensors = FolderTensors(inspect_folder(folder))

@@ -28,5 +28,6 @@ def test_each_stage_reports_its_own_peak():
     assert big - small > 350 * 2**20
     assert timer.seconds["small"] >= 0.15
     assert timer.memory_manifest()["host_gib"]["big"] == round(big / 2**30, 3)
+    assert timer.peak_host_anon["big"] - timer.peak_host_anon["small"] > 350 * 2**20  # a bytearray is anonymous
     # the process's own high-water mark is untouched: it still holds the big stage's peak
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 >= big * 0.95
