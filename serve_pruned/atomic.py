@@ -44,15 +44,25 @@ class Owner:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back (delivered on exit) so a rename-and-clean-up is never cut in half."""
+    """Hold SIGINT/SIGTERM back (delivered on exit) so a rename-and-clean-up is never cut in half.
+
+    The handlers are swapped, not the signal mask: a mask is per thread, and a signal sent to the process goes
+    to any thread that does not block it (torch's worker threads, a progress bar's monitor), whose arrival then
+    runs the Python handler in the main thread anyway. Python runs every handler in the main thread, so one
+    that only records the signal holds it wherever it lands; the signal is raised again once the block is done.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _frame: pending.append(s)) for sig in _HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        for received in dict.fromkeys(pending):  # once each, in the order they came
+            signal.raise_signal(received)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -106,9 +107,17 @@ def test_atomic_write_text_leaves_no_temp_on_failure(tmp_path):
     assert list(tmp_path.parent.glob(f".{tmp_path.name}.tmp-*")) == []
 
 
-def test_a_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch):
+@pytest.mark.parametrize("other_thread", [False, True], ids=["alone", "beside a thread"])
+def test_a_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch, other_thread):
     """SIGTERM that lands while the old output is swapped for the new is held back until both renames and the
-    clean-up are done, so neither a half swap nor the .old folder is ever left."""
+    clean-up are done, so neither a half swap nor the .old folder is ever left. Also when another thread (as
+    torch and tqdm start) is there to receive the signal: a blocked signal mask in the main thread alone
+    would not hold it then."""
+    import threading
+
+    stop = threading.Event()
+    if other_thread:
+        threading.Thread(target=stop.wait, daemon=True).start()
     target = tmp_path / "out"
     with atomic_dir(target, owner=OWNER) as tmp:
         (tmp / "out-old").write_text("1")
@@ -119,6 +128,7 @@ def test_a_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch):
         real_replace(a, b)
         if not got:
             os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # time for the signal to land on whichever thread takes it
             assert not got  # held: it does not run between the two renames
 
     previous = signal.signal(signal.SIGTERM, lambda s, _f: got.append(s))
@@ -129,6 +139,7 @@ def test_a_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch):
         monkeypatch.undo()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        stop.set()
     assert got == [signal.SIGTERM]  # delivered once the swap was done
     assert [p.name for p in target.iterdir()] == ["out-new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
