@@ -72,4 +72,5 @@ def run_key(opts: PackageOptions, fingerprint: str, calib_fp: str) -> str:
     """Identifies the pruning + recovery a run does: every option but those marked as not affecting it
     (output, evaluation, quantization...), so a new option is part of the key unless it says otherwise."""
     body = opts.recovery_options()
-    return hashlib.sha256(f"{fingerprint}|{calib_fp}|{json.dumps(body, sort_keys=True)}|v1".encode()).hexdigest()[:24]
+    # v2: a step's model is a sharded folder (step-K/model), no longer step-K/model.safetensors
+    return hashlib.sha256(f"{fingerprint}|{calib_fp}|{json.dumps(body, sort_keys=True)}|v2".encode()).hexdigest()[:24]

@@ -113,7 +113,7 @@ def _load_step(folder: Path, *, device: Any, dtype: Any) -> tuple[Current, dict[
     from serve_pruned.compress.importance import Selection
 
     done = folder / "done.json"
-    if not done.is_file():
+    if not done.is_file() or not (folder / "model").is_dir():  # not done, or an older layout: recompute it
         return None
     d = json.loads(done.read_text())
     model = _step_model(folder, device=device, dtype=dtype)
