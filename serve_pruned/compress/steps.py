@@ -286,12 +286,13 @@ class Steps:
             self.quality.stage("pruned", view)
         kept = _compose(cur.kept, sel)
         writer = ShardWriter(step_dir / "model", new_cfg)
-        refit = False
+        layers_written = False
         if opts.recover and opts.refit and self.loaded.samples is not None:
-            refit = self.refit(view, cur, chosen.shape, kept, dropped=sel.layers != list(range(cur.shape.num_layers)),
-                               where=where, report=report, writer=writer)
+            dropped = sel.layers != list(range(cur.shape.num_layers))
+            layers_written = self.refit(view, cur, chosen.shape, kept, dropped=dropped, where=where, report=report,
+                                        writer=writer)
         with self.timer("prune"):
-            write_layers(writer, view, skip_layers=refit)
+            write_layers(writer, view, skip_layers=layers_written)
             writer.close()
         new_model: Any = _step_model(step_dir, device=self.loaded.device, dtype=self.loaded.original.dtype)
         if distill_steps > 0 and dsamples is not None:

@@ -14,6 +14,7 @@ layer's weights and its samples' hidden states, never the whole model.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -118,12 +119,9 @@ class Streamed:
         tensor = self.tensors.get(TIED_HEAD if name == f"{HEAD}.weight" and name not in self._names else name)
         return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
 
-    @property
+    @functools.cached_property
     def _names(self) -> set[str]:
-        names = self.__dict__.get("_name_set")
-        if names is None:
-            names = self.__dict__["_name_set"] = set(self.tensors.names()) if self.tensors is not None else set()
-        return names
+        return set(self.tensors.names()) if self.tensors is not None else set()
 
     def layers(self) -> Iterator[tuple[int, Any]]:
         """Each decoder layer in turn, onloaded."""
