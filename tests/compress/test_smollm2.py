@@ -124,12 +124,12 @@ def test_w8a8_package_serves_as_two_colocated_instances(smol_w8a8, tmp_path):
     out, report = smol_w8a8
     assert report["kind"] == "pruned-quantized" and report["quantization"]["scheme"] == "w8a8"
     assert report["weight_bytes"] < 0.5 * report["weight_bytes_before"]
-    port = free_port()
+    port = free_port(2)
     err = open(tmp_path / "serve.err", "w")
     proc = subprocess.Popen([EXE, "serve", str(out), "--instances", "2", "--port", str(port), "--format", "json"],
                             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     try:
-        listening = json.loads(proc.stdout.read(1) + _read_json(proc))
+        listening = json.loads(_read_json(proc, tmp_path / "serve.err"))
         urls = [i["url"] for i in listening["instances"]]
         assert urls == [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
         assert all(_complete(u, "The capital of France is").strip() for u in urls)
@@ -153,12 +153,12 @@ def test_w8a8_package_serves_as_two_colocated_instances(smol_w8a8, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _read_json(proc: subprocess.Popen) -> str:
-    """The rest of the JSON document `serve --format json` prints once every instance is up."""
-    text, depth = "", 1
-    while depth:
+def _read_json(proc: subprocess.Popen, err: Path) -> str:
+    """The JSON document `serve --format json` prints once every instance is up; serve's stderr if it exits first."""
+    text, depth = "", 0
+    while depth or not text:
         ch = proc.stdout.read(1)
-        assert ch, "serve exited before printing where it listens"
+        assert ch, f"serve exited ({proc.wait()}) before printing where it listens:\n{err.read_text()[-4000:]}"
         text += ch
         depth += {"{": 1, "}": -1}.get(ch, 0)
     return text
