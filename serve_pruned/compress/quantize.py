@@ -126,10 +126,27 @@ def _quiet_llmcompressor() -> None:
     logger.add(sys.stderr, level="ERROR", filter="llmcompressor")
 
 
-def save_quantized(model: Any, tokenizer: Any, recipe: list[Any], out: Path) -> None:
+def load_offloaded(folder: Path, *, dtype: Any, host_bytes: int | None, offload_dir: Path) -> Any:
+    """The model saved in ``folder``, for llmcompressor's sequential pipeline to onload layer by layer.
+
+    Up to ``host_bytes`` of its weights are held in host memory (None: what the host has free, less a reserve);
+    the rest stay in ``folder``'s safetensors files, read when a layer is onloaded (compressed-tensors' disk
+    offload, which writes what quantization changes to ``offload_dir``).
+    """
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"device_map": "auto_offload", "offload_folder": str(offload_dir)}
+    if host_bytes is not None:
+        kwargs["max_memory"] = {"cpu": host_bytes}
+    with load_offloaded_model():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **kwargs)
+
+
+def save_quantized(model: Any, tokenizer: Any, recipe: list[Any], out: Path, *, max_shard_bytes: int) -> None:
     """Save in the compressed-tensors format, with the llmcompressor recipe beside the weights."""
     from llmcompressor.recipe import Recipe
 
-    model.save_pretrained(out, save_compressed=True)
+    model.save_pretrained(out, save_compressed=True, max_shard_size=max_shard_bytes)
     tokenizer.save_pretrained(out)
     Recipe.from_modifiers(recipe).yaml(str(out / "recipe.yaml"))

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from serve_pruned.atomic import atomic_write_text
 
+if TYPE_CHECKING:
+    import torch
+
 INDEX = "model.safetensors.index.json"
+# An output's shards: few enough files for the Hub, small enough that the one a writer holds stays a small part
+# of a memory budget (transformers' own default, 50 GB, would be the whole of most pruned models).
+OUTPUT_SHARD_BYTES = 2 * 2**30
 
 
 class ShardWriter:
@@ -24,16 +28,18 @@ class ShardWriter:
 
     Parts are gathered until they pass ``max_shard_bytes`` (0, the default: each part is a shard of its own, and
     nothing is held; transformers saves 5 GB shards), so what is held at once is one shard. One shard alone is
-    named ``model.safetensors`` with no index, as transformers saves it.
+    named ``model.safetensors`` with no index, as transformers saves it. Floating tensors are cast to ``dtype``
+    (None: kept as given) as they are taken.
     """
 
-    def __init__(self, folder: Path, config: dict[str, Any], *, max_shard_bytes: int = 0) -> None:
+    def __init__(self, folder: Path, config: dict[str, Any], *, max_shard_bytes: int = 0,
+                 dtype: torch.dtype | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         for old in [*self.folder.glob("*.safetensors"), *self.folder.glob(".part-*.safetensors")]:
             old.unlink()  # our own earlier, unfinished write of this model
         (self.folder / INDEX).unlink(missing_ok=True)
-        self.config, self.max_shard_bytes = config, max_shard_bytes
+        self.config, self.max_shard_bytes, self.dtype = config, max_shard_bytes, dtype
         self._parts: list[list[str]] = []
         self._pending: dict[str, torch.Tensor] = {}
         self._bytes = 0
@@ -41,7 +47,8 @@ class ShardWriter:
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take ``tensors`` (host copies are made of device tensors); a shard is written once enough is held."""
         for name, t in tensors.items():
-            self._pending[name] = t.detach().to("cpu").contiguous()
+            cast = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+            self._pending[name] = t.detach().to("cpu", cast).contiguous()
         if sum(t.numel() * t.element_size() for t in self._pending.values()) >= self.max_shard_bytes:
             self._flush()
 

@@ -91,15 +91,15 @@ def _shapes_of(model: Any) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in module.named_parameters()}
 
 
-def _save_step(folder: Path, cur: Current, report: dict[str, Any]) -> None:
-    """Mark step ``folder`` done: its model's shards (written unless the step left them there) and done.json."""
+def _save_step(folder: Path, cur: Current, report: dict[str, Any], *, written: bool, dtype: Any) -> None:
+    """Mark step ``folder`` done: its model's shards in ``dtype`` (unless ``written``: the step streams its model
+    from them) and done.json."""
     from serve_pruned.atomic import atomic_write_text
     from serve_pruned.compress.shards import ShardWriter, write_layers
     from serve_pruned.compress.stream import Streamed
 
-    if not (isinstance(cur.model, Streamed) and cur.model.tensors is not None
-            and Path(getattr(cur.model.tensors, "folder", "")) == folder / "model"):
-        writer = ShardWriter(folder / "model", cur.config)
+    if not written:
+        writer = ShardWriter(folder / "model", cur.config, dtype=dtype)
         write_layers(writer, Streamed.resident(cur.model))
         writer.close()
     atomic_write_text(folder / "done.json", json.dumps({
@@ -118,6 +118,11 @@ def _load_step(folder: Path, *, device: Any, dtype: Any) -> tuple[Current, dict[
     d = json.loads(done.read_text())
     model = _step_model(folder, device=device, dtype=dtype)
     return Current(model, d["config"], Shape(**d["shape"]), Selection(**d["kept"]), d["params"]), d["report"]
+
+
+def _distills(steps: int, samples: Any) -> bool:
+    """Whether a step distills (then its model is whole in memory, not the one its folder holds)."""
+    return steps > 0 and samples is not None
 
 
 def _step_model(folder: Path, *, device: Any, dtype: Any) -> Any:
@@ -209,13 +214,19 @@ class Steps:
     log: Log
 
     @property
+    def _save_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.plan.save_dtype)
+
+    @property
     def opts(self) -> PackageOptions:
         return self.plan.opts
 
     def run(self) -> Pruned:
         plan, opts, original = self.plan, self.opts, self.loaded.original
-        if not plan.prunes:  # quantization only: the writer needs the model whole
-            return Pruned(Current(self.loaded.whole(), dict(plan.src.config), plan.before, _identity(plan.before),
+        if not plan.prunes:  # quantization only: the writer quantizes the source as it is stored
+            return Pruned(Current(original, dict(plan.src.config), plan.before, _identity(plan.before),
                                   plan.total), plan.candidates[0])
         cur = Current(original, dict(plan.src.config), plan.before, _identity(plan.before), plan.total)
         targets: list[float | None] = [None]
@@ -248,7 +259,8 @@ class Steps:
                                                           step_dir=root / f"step-{k + 1}")
             done.steps.append(report)
             if not last:
-                _save_step(root / f"step-{k + 1}", done.current, report)
+                _save_step(root / f"step-{k + 1}", done.current, report, written=not _distills(budget[k], dsamples),
+                           dtype=self._save_dtype)
         if opts.recover and (done.recovery["refit"] or opts.distills):
             self.quality.stage("recovered", done.current.model)
         return done
@@ -285,7 +297,8 @@ class Steps:
         if last:
             self.quality.stage("pruned", view)
         kept = _compose(cur.kept, sel)
-        writer = ShardWriter(step_dir / "model", new_cfg)
+        # stored as the output will be (the refit and distillation compute in float32): an 8B step is 12 GB, not 24
+        writer = ShardWriter(step_dir / "model", new_cfg, dtype=self._save_dtype)
         layers_written = False
         if opts.recover and opts.refit and self.loaded.samples is not None:
             dropped = sel.layers != list(range(cur.shape.num_layers))
@@ -295,7 +308,7 @@ class Steps:
             write_layers(writer, view, skip_layers=layers_written)
             writer.close()
         new_model: Any = _step_model(step_dir, device=self.loaded.device, dtype=self.loaded.original.dtype)
-        if distill_steps > 0 and dsamples is not None:
+        if _distills(distill_steps, dsamples):
             new_model = whole_model(new_model)
             self.distill(new_model, dsamples, distill_steps, where=where, step_dir=step_dir, report=report)
         return (Current(new_model, new_cfg, chosen.shape, kept, params), Candidate(chosen.shape, params,

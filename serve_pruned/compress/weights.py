@@ -46,6 +46,10 @@ class FolderTensors:
     def names(self) -> list[str]:
         return list(self._info)
 
+    def dtypes(self) -> set[torch.dtype | str]:
+        """The dtypes its tensors are stored in (a safetensors name where torch has no match here)."""
+        return {_DTYPES.get(i.dtype, i.dtype) for i in self._info.values()}
+
     def get(self, name: str) -> torch.Tensor:
         info = self._info[name]
         dtype = _DTYPES.get(info.dtype)

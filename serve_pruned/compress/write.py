@@ -14,10 +14,10 @@ from serve_pruned.compress.plan import PackagePlan
 from serve_pruned.compress.provenance import hub_id_of, peak_rss_bytes, tool_versions
 from serve_pruned.compress.quality import Quality
 from serve_pruned.compress.quantize import QuantPlan
+from serve_pruned.compress.shards import OUTPUT_SHARD_BYTES, ShardWriter, write_layers
 from serve_pruned.compress.steps import Loaded, Pruned
 from serve_pruned.compress.timer import Timer
 from serve_pruned.manifest import PACKAGE_OWNER, Manifest, write_manifest
-from serve_pruned.model.config import config_dtype
 
 Log = Callable[[str], None]
 
@@ -41,20 +41,15 @@ def write_package(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
     """Write the output folder (replacing an earlier one only once it is complete); returns its manifest."""
     import torch
 
-    save_dtype = getattr(torch, config_dtype(plan.src.config) or "float32")  # transformers' default when undeclared
+    save_dtype = getattr(torch, plan.save_dtype)
     qplan = plan.quantization(pruned.chosen.shape)
     with atomic_dir(plan.out, overwrite=plan.opts.overwrite, owner=PACKAGE_OWNER) as tmp:
-        from serve_pruned.compress.prune import whole_model
-
-        # the one stage that holds the pruned model whole: transformers saves it, llmcompressor quantizes it
-        model = whole_model(pruned.current.model, save_dtype)
         config = {**pruned.current.config, "dtype": str(save_dtype).removeprefix("torch.")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if qplan is not None:
-            _quantize_and_save(model, loaded, qplan, quality, timer, tmp, config, log=log)
+            _quantize_and_save(plan, loaded, pruned, qplan, quality, timer, tmp, config, save_dtype, log=log)
         else:
             with timer("write"):
-                model.save_pretrained(tmp)
+                _write_weights(pruned, tmp, config, save_dtype, max_shard_bytes=OUTPUT_SHARD_BYTES)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for pattern in CARRY_PATTERNS:
             for f in plan.src.path.glob(pattern):
@@ -71,21 +66,55 @@ def write_package(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
         return write_manifest(tmp, body)
 
 
-def _quantize_and_save(model: Any, loaded: Loaded, qplan: QuantPlan, quality: Quality, timer: Timer, tmp: Path,
-                       config: dict[str, Any], *, log: Log) -> None:
-    """llmcompressor into compressed-tensors."""
-    from serve_pruned.compress.quantize import apply_quantization, save_quantized
+def stored_as(model: Any, dtype: Any) -> Path | None:
+    """The folder ``model`` streams from, when it is exactly that folder's weights stored in ``dtype``."""
+    from serve_pruned.compress.stream import Streamed
+    from serve_pruned.compress.weights import FolderTensors
 
+    if not (isinstance(model, Streamed) and isinstance(model.tensors, FolderTensors)):
+        return None
+    return model.tensors.folder if model.tensors.dtypes() == {dtype} else None
+
+
+def _write_weights(pruned: Pruned, folder: Path, config: dict[str, Any], dtype: Any, *, max_shard_bytes: int) -> None:
+    """The pruned model's weights in ``dtype`` as safetensors shards, part by part: it is never whole here."""
+    from serve_pruned.compress.stream import streamed
+
+    writer = ShardWriter(folder, config, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    write_layers(writer, streamed(pruned.current.model))
+    writer.close()
+
+
+def _quantize_and_save(plan: PackagePlan, loaded: Loaded, pruned: Pruned, qplan: QuantPlan, quality: Quality,
+                       timer: Timer, tmp: Path, config: dict[str, Any], save_dtype: Any, *, log: Log) -> None:
+    """llmcompressor into compressed-tensors, from the pruned weights written unquantized beside the output.
+
+    llmcompressor onloads one layer at a time from what :func:`load_offloaded` leaves on disk, so the model is
+    held whole only when the host budget allows it.
+    """
+    from serve_pruned.compress.quantize import apply_quantization, load_offloaded, save_quantized
+
+    offload = tmp / ".offload"
+    unquantized = stored_as(pruned.current.model, save_dtype)  # the last step's checkpoint, when it is the model
+    if unquantized is None:
+        unquantized = tmp / ".unquantized"
+        with timer("write"):
+            _write_weights(pruned, unquantized, config, save_dtype, max_shard_bytes=0)
     log(f"quantizing ({qplan.scheme}{f', group size {qplan.group_size}' if qplan.group_size else ''}) "
         "with llmcompressor")
     with timer("quantize"):
-        # llmcompressor reads config.json back from name_or_path (and writes it on save): make that
-        # the pruned config, not the source's
+        host_bytes = plan.memory.offload_host_bytes(plan.opts.memory_limit) if plan.memory else None
+        model = load_offloaded(unquantized, dtype=save_dtype, host_bytes=host_bytes, offload_dir=offload)
+        # llmcompressor reads config.json back from name_or_path (and writes it on save): the output's
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         model.config._name_or_path = str(tmp)
         recipe = apply_quantization(model, loaded.tokenizer, qplan, loaded.samples)
     quality.stage("quantized", model)
     with timer("write"):
-        save_quantized(model, loaded.tokenizer, recipe, tmp)
+        save_quantized(model, loaded.tokenizer, recipe, tmp, max_shard_bytes=OUTPUT_SHARD_BYTES)
+    del model
+    for scratch in (tmp / ".unquantized", offload):  # ours, inside the output's temporary folder
+        shutil.rmtree(scratch, ignore_errors=True)
     config["quantization_config"] = json.loads((tmp / "config.json").read_text())["quantization_config"]
 
 
@@ -119,6 +148,7 @@ def manifest_body(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
         "quality": quality.manifest_section(eval_sources=plan.eval, ood_sources=plan.ood),
         "timings_s": timer.as_manifest(),
         "peak_memory": timer.memory_manifest(),
+        "memory_plan": plan.memory.to_dict() if plan.memory else None,
         "peak_rss_bytes": peak_rss_bytes(),
         "tool_versions": tool_versions(),
     }

@@ -82,3 +82,44 @@ def test_cli_stdout_stays_json_while_quantizing(tiny_models, text_files, tmp_pat
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["kind"] == "quantized" and report["params_fraction"] == 1.0
+
+
+def test_weights_left_on_disk_quantize_as_in_memory_and_the_source_is_untouched(tiny_models, text_files, tmp_path,
+                                                                                 monkeypatch):
+    """Past the host budget, llmcompressor reads each layer from the files (here the source's own, quantized as
+    stored): the output is the in-memory run's, byte for byte, and the files it read are not changed."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from serve_pruned.compress import quantize, write
+    from serve_pruned.compress.memory_plan import MemoryPlan
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    def opts(out):
+        return PackageOptions(model=str(tiny_models["llama"]), out=out, quant="w8a8",
+                              calib=(str(text_files["calib"]),), num_samples=8, seq_len=64)
+
+    source = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_models["llama"].iterdir()}
+    package(opts(tmp_path / "memory"), progress=False)
+    caches: list[str] = []
+    real = quantize.load_offloaded
+
+    def spy(*a, **kw):
+        model = real(*a, **kw)
+        caches.append(type(model.model.layers[0].mlp.down_proj._parameters).__name__)
+        return model
+
+    monkeypatch.setattr(quantize, "load_offloaded", spy)
+    copies: list[object] = []
+    real_write = write._write_weights
+    monkeypatch.setattr(write, "_write_weights", lambda *a, **kw: copies.append(a[1]) or real_write(*a, **kw))
+    monkeypatch.setattr(MemoryPlan, "offload_host_bytes", lambda self, limit: 0)
+    package(opts(tmp_path / "disk"), progress=False)
+    assert caches == ["DiskCache"]
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("memory", "disk"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_models["llama"].iterdir()} == source
+    assert not [p for p in (tmp_path / "disk").iterdir() if p.name.startswith(".")]  # no scratch left behind
+    assert copies == []  # quantization only reads the source as stored: no copy of it was written

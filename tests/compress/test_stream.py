@@ -86,8 +86,8 @@ def test_a_tied_head_stays_tied_after_a_pass(tiny_models):
 
 def test_package_without_distillation_holds_no_model_whole_before_writing(tiny_models, text_files, tmp_path,
                                                                           monkeypatch):
-    """Scoring, the search, the refit and every quality stage stream the source and the pruned model (the refit
-    writes it as shards); only distillation's teacher and student, and the writer, hold a model whole."""
+    """Scoring, the search, the refit, every quality stage and the writer stream the source and the pruned model
+    (the refit writes it as shards); only distillation's teacher and student hold a model whole."""
     from safetensors.torch import load_file
 
     from serve_pruned.compress import model_io
@@ -106,11 +106,11 @@ def test_package_without_distillation_holds_no_model_whole_before_writing(tiny_m
     real = model_io.load_model
     for module in (model_io, package_mod):
         monkeypatch.setattr(module, "load_model", lambda path, **kw: loads.append(str(path)) or real(path, **kw))
-    built: list[int] = []  # whole models built from tensors: only the write stage's, to save it
+    built: list[int] = []  # whole models built from tensors: none
     real_build = prune.build_model
     monkeypatch.setattr(prune, "build_model", lambda *a, **kw: built.append(1) or real_build(*a, **kw))
     result = package(opts(tmp_path / "streamed"), progress=False)
-    assert loads == [] and built == [1]
+    assert loads == [] and built == []
     report = result.manifest.to_dict()["quality"]
     assert report["recovered"]["perplexity"] < report["pruned"]["perplexity"]
     assert report["original"]["top1_agreement"] is None and report["recovered"]["top1_agreement"] is not None
