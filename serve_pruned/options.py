@@ -8,6 +8,7 @@ cannot work are rejected with the field named.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -19,6 +20,36 @@ from serve_pruned.errors import OptionError, yaml_problem
 # the card): left out of the recovery checkpoints' key. Unmarked options are in it, so a new one is never
 # forgotten (at worst a rerun recomputes what it could have reused).
 _NEUTRAL: dict[str, Any] = {"affects_recovery": False}
+
+
+_SIZE = r"[0-9]+(\.[0-9]+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)"
+_MAX_MEMORY = rf"^({_SIZE}|host={_SIZE}(,device={_SIZE})?|device={_SIZE}(,host={_SIZE})?)$"
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``8GiB`` -> bytes (the pattern above has checked the form)."""
+    number = text.rstrip("BKMGTi")
+    return int(float(number) * _UNITS[text[len(number):]])
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """``--max-memory``: bytes a stage may hold on the host and on the device (None: no limit)."""
+
+    host: int | None = None
+    device: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str | None) -> MemoryLimit:
+        if spec is None:
+            return cls()
+        parts = {}
+        for part in spec.split(","):
+            where, _, size = part.rpartition("=")
+            parts[where or "host"] = parse_size(size)
+        return cls(**parts)
 
 
 class PackageOptions(BaseModel):
@@ -50,6 +81,11 @@ class PackageOptions(BaseModel):
         "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", json_schema_extra=_NEUTRAL,  # the message: _RANGE_HINTS
         description="Where scoring, the shape search, the refit, evaluation and distillation run: auto (the "
         "accelerator when there is one), cpu, cuda or cuda:N. Layers move there one at a time.")
+
+    max_memory: str | None = Field(
+        None, pattern=_MAX_MEMORY, json_schema_extra=_NEUTRAL,  # the message: _RANGE_HINTS
+        description="Refuse before loading when the memory plan's peak for a stage passes this: a host size "
+        "(8GiB), or host=8GiB,device=40GiB. Weights beyond the host size stay on disk while quantizing.")
 
     scorer: Literal["auto", "activation", "fluctuation", "magnitude", "obs"] = Field(
         "auto", description="Importance scorer; auto: obs when the refit runs, else activation.")
@@ -115,6 +151,10 @@ class PackageOptions(BaseModel):
     eval_prompts: tuple[str, ...] | None = Field(
         None, description="Prompt whose greedy continuation is compared with the original's (default: built-in "
         "facts).", json_schema_extra=_NEUTRAL)
+
+    @property
+    def memory_limit(self) -> MemoryLimit:
+        return MemoryLimit.parse(self.max_memory)
 
     @property
     def prunes(self) -> bool:
@@ -191,6 +231,7 @@ _RULE_HINTS = {
 # What to do about a value out of range, where "pass a value in range" is not enough.
 _RANGE_HINTS = {
     "device": "pass auto, cpu, cuda or cuda:N (N an accelerator's index)",
+    "max_memory": "pass a size such as 8GiB (the host), or host=8GiB,device=40GiB",
     "group_size": "a W4A16 group size such as 128, 64 or 32 that divides the model's widths (leave it out to "
                   "get the largest that does)",
 }

@@ -12,12 +12,13 @@ from typing import Any
 
 from serve_pruned.atomic import check_output
 from serve_pruned.compress.data import TextSource, read_sources
+from serve_pruned.compress.memory_plan import MemoryPlan, plan_memory
 from serve_pruned.compress.provenance import source_license
 from serve_pruned.compress.quantize import QuantPlan, plan_quantization
 from serve_pruned.errors import CalibrationDataError, InvalidTargetError, UsageError
 from serve_pruned.manifest import PACKAGE_OWNER
 from serve_pruned.model.arch import ArchSupport, support_for
-from serve_pruned.model.config import config_int
+from serve_pruned.model.config import config_dtype, config_int
 from serve_pruned.model.shapes import Candidate, Shape, count_params, plan_shapes
 from serve_pruned.model.source import ModelSource, resolve_model
 from serve_pruned.options import PackageOptions
@@ -39,6 +40,7 @@ class PackagePlan:
     eval: list[TextSource]
     ood: list[TextSource]
     license_id: str | None
+    memory: MemoryPlan | None = None  # set once the device is known (package.py)
 
     @property
     def prunes(self) -> bool:
@@ -48,6 +50,19 @@ class PackagePlan:
         """How the shape search may move, for this architecture and quantization."""
         return dict(multiple_of=self.opts.ffn_multiple, prune_heads=self.support.prune_heads,
                     heads_divide=self.hidden if self.support.heads_divide_hidden else None)
+
+    @property
+    def save_dtype(self) -> str:
+        """What the output's (and each step checkpoint's) weights are stored in: the source's declared dtype,
+        else float32 (transformers' default when a config declares none)."""
+        return config_dtype(self.src.config) or "float32"
+
+    def plan_memory(self, *, on_device: bool) -> MemoryPlan:
+        """Each stage's predicted peak for these options, on the host or an accelerator."""
+        self.memory = plan_memory(self.opts, before=self.before, config=dict(self.src.config), total_params=self.total,
+                                  save_dtype=self.save_dtype, has_eval=bool(self.eval or self.ood),
+                                  on_device=on_device)
+        return self.memory
 
     def quantization(self, shape: Shape) -> QuantPlan | None:
         return plan_quantization(self.opts.quant, quantized_widths(shape, self.hidden), group_size=self.opts.group_size)

@@ -1,0 +1,74 @@
+"""The memory plan: each stage's predicted peak from the shapes and options, and --max-memory refusing up front."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_pruned.compress.memory_plan import BASELINE_BYTES, GIB, plan_memory
+from serve_pruned.errors import UsageError
+from serve_pruned.model.shapes import Shape
+from serve_pruned.options import MemoryLimit, PackageOptions
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, vocab_size=128256, num_hidden_layers=32)
+SHAPE_8B = Shape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336)
+
+
+def plan(**kw):
+    opts = PackageOptions(**{"model": "m", "out": "o", "calib": ("c.txt",), "target_params": 0.75,
+                             "distill_steps": 0, "quant": "w8a8", "scorer": "activation", **kw})
+    return plan_memory(opts, before=SHAPE_8B, config=LLAMA_8B, total_params=8_030_261_248, save_dtype="bfloat16",
+                       has_eval=False, on_device=False)
+
+
+def test_stages_are_those_the_run_goes_through_in_order():
+    assert [s.stage for s in plan().stages] == ["score", "prune", "refit", "quantize", "write"]
+    assert [s.stage for s in plan(quant="none", refit=False).stages] == ["score", "prune", "write"]
+    assert "distill" in [s.stage for s in plan(distill_steps=8).stages]
+
+
+def test_terms_follow_the_options_that_size_them():
+    one, two = plan(num_samples=8).stage("score"), plan(num_samples=16).stage("score")
+    assert two.host["hidden states"] == 2 * one.host["hidden states"]
+    # a layer of the 8B shape: 218 M parameters, 0.81 GiB in float32, half that in bfloat16
+    assert one.host["layer"] == 218_103_808 * 4
+    assert plan(compute_dtype="bfloat16").stage("score").host["layer"] == 218_103_808 * 2
+    assert "statistics" in plan(scorer="obs").stage("score").host  # obs gathers FFN Gram matrices
+    # an 8B model streams: under a host limit (weights then stay on disk while quantizing) every stage fits 8 GiB
+    assert plan(max_memory="8GiB").peak_host_bytes < 8 * GIB < plan().peak_host_bytes
+    # distillation holds student and teacher whole, and AdamW's state
+    assert plan(distill_steps=8).stage("distill").host_bytes > 60 * GIB
+
+
+def test_max_memory_refuses_naming_the_stage_and_what_to_change():
+    p = plan()
+    p.check(MemoryLimit(host=16 * GIB))
+    with pytest.raises(UsageError, match="the score stage needs about [0-9.]+ GiB of host memory") as e:
+        p.check(MemoryLimit(host=1 * GIB))
+    assert "its largest part: embedding" in str(e.value) and "bfloat16" in e.value.hint
+    with pytest.raises(UsageError, match="the distill stage") as e:
+        plan(distill_steps=8).check(MemoryLimit(host=16 * GIB))
+    assert "--distill-steps 0" in e.value.hint
+    p.check(MemoryLimit(device=1))  # on the host, nothing goes to a device
+
+
+def test_quantization_holds_what_the_host_limit_leaves():
+    assert plan().offload_host_bytes(MemoryLimit()) is None  # no limit: llmcompressor keeps them in memory
+    assert "weights" in plan().stage("quantize").host
+    limited = plan(max_memory="8GiB")
+    assert "weights" not in limited.stage("quantize").host
+    left = limited.offload_host_bytes(MemoryLimit(host=8 * GIB))
+    assert left == 8 * GIB - limited.stage("quantize").host_bytes and left > 0
+    assert limited.offload_host_bytes(MemoryLimit(host=BASELINE_BYTES)) == 0  # all of it stays on disk
+
+
+def test_a_refusal_comes_before_any_weight_is_read(tiny_models, text_files, tmp_path, monkeypatch):
+    from serve_pruned.compress import weights
+    from serve_pruned.compress.package import package
+
+    monkeypatch.setattr(weights.FolderTensors, "get", lambda *_a: pytest.fail("a weight was read"))
+    opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "o", keep_ffn=128, multiple_of=32,
+                          calib=(str(text_files["calib"]),), max_memory="64MiB")
+    with pytest.raises(UsageError, match="--max-memory: the score stage"):
+        package(opts, progress=False)
+    assert not (tmp_path / "o").exists()
