@@ -78,7 +78,6 @@ class MemoryPlan:
 
     stages: tuple[StageMemory, ...]
     on_device: bool
-    weights_bytes: int  # the pruned model's weights in the save dtype: what quantization onloads from
 
     def stage(self, name: str) -> StageMemory:
         return next(s for s in self.stages if s.stage == name)
@@ -192,14 +191,16 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
         stages.append(StageMemory("prune", **_place(on_device, {
             "layer": 2 * z.layer() * c,  # the current layer and its pruned slices
             "hidden states": search, "head": z.table * c,
-            "logits": 2 * min(b, opts.search_samples) * seq * vocab * 4})))
+            # the logits, the shifted copy log_softmax reads, and its output
+            "logits": 3 * min(b, opts.search_samples) * seq * vocab * 4})))
         if opts.recover and opts.refit and calib:
-            ffn = int(before.intermediate_size * kept)
+            wide = max(int(before.intermediate_size * kept), before.num_heads * before.head_dim)
             stages.append(StageMemory("refit", **_place(on_device, {
                 "layer": z.layer() * c + z.layer(kept) * c, "hidden states": 2 * hidden_states,
                 "activations": ffn_act,
-                # the FFN's and the attention output's Gram matrices, and the solve's copy of each
-                "Gram matrices": 2 * 4 * (ffn ** 2 + (before.num_heads * before.head_dim) ** 2)})))
+                # float64 Gram and cross-covariance of the widest refit input (FFN or attention output, one at
+                # a time), the solve's factorized copy and its solution
+                "Gram matrices": 8 * (2 * wide ** 2 + 2 * wide * hidden)})))
         if opts.distills:
             student = int(total_params * kept)
             dbytes = 4 if opts.distill_dtype in ("auto", "float32") else 2
@@ -215,16 +216,16 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
         stages.append(StageMemory("quantize", **_place(on_device, {
             "layer": z.layer(kept) * z.save * 2,  # onloaded, and its quantized copy
             "hidden states": 2 * n * seq * hidden * z.save if opts.quant != "fp8" else 0,
-            "Hessians": 4 * in_widths if opts.quant != "fp8" else 0,
-            "embedding": z.table * z.save * (1 if tied else 2)})))
-        if opts.memory_limit.host is None:  # held while it quantizes, and while the quantized model is evaluated
-            for st in stages:
-                if st.stage in ("quantize", "eval"):
-                    st.host["weights"] = weights
+            "Hessians": 4 * in_widths if opts.quant != "fp8" else 0})))
+        for st in stages:  # held while it quantizes, and while the quantized model is evaluated
+            if st.stage in ("quantize", "eval"):
+                # without a host limit, all the weights stay in memory; with one, the embedding and head at least
+                st.host["weights"] = weights if opts.memory_limit.host is None else z.table * z.save * (
+                    1 if tied else 2)
     stages.append(StageMemory("write", **_place(on_device, {
         "layer": z.layer(kept) * z.save, "shard": min(weights, OUTPUT_SHARD_BYTES),
         "embedding": z.table * z.save * (1 if tied else 2)}, weights_stay=True)))
-    return MemoryPlan(tuple(stages), on_device=on_device, weights_bytes=weights)
+    return MemoryPlan(tuple(stages), on_device=on_device)
 
 
 def _place(on_device: bool, terms: dict[str, int], *, weights_stay: bool = False) -> dict[str, Any]:

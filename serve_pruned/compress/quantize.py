@@ -126,7 +126,8 @@ def _quiet_llmcompressor() -> None:
     logger.add(sys.stderr, level="ERROR", filter="llmcompressor")
 
 
-def load_offloaded(folder: Path, *, dtype: Any, host_bytes: int | None, offload_dir: Path) -> Any:
+def load_offloaded(folder: Path, *, dtype: Any, host_bytes: int | None, offload_dir: Path,
+                   trust_remote_code: bool = False) -> Any:
     """The model saved in ``folder``, for llmcompressor's sequential pipeline to onload layer by layer.
 
     Up to ``host_bytes`` of its weights are held in host memory (None: what the host has free, less a reserve);
@@ -140,7 +141,8 @@ def load_offloaded(folder: Path, *, dtype: Any, host_bytes: int | None, offload_
     if host_bytes is not None:
         kwargs["max_memory"] = {"cpu": host_bytes}
     with load_offloaded_model():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                    **kwargs)
 
 
 def save_quantized(model: Any, tokenizer: Any, recipe: list[Any], out: Path, *, max_shard_bytes: int) -> None:

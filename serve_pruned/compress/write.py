@@ -104,7 +104,8 @@ def _quantize_and_save(plan: PackagePlan, loaded: Loaded, pruned: Pruned, qplan:
         "with llmcompressor")
     with timer("quantize"):
         host_bytes = plan.memory.offload_host_bytes(plan.opts.memory_limit) if plan.memory else None
-        model = load_offloaded(unquantized, dtype=save_dtype, host_bytes=host_bytes, offload_dir=offload)
+        model = load_offloaded(unquantized, dtype=save_dtype, host_bytes=host_bytes, offload_dir=offload,
+                               trust_remote_code=plan.opts.trust_remote_code)
         # llmcompressor reads config.json back from name_or_path (and writes it on save): the output's
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         model.config._name_or_path = str(tmp)
