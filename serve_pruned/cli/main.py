@@ -143,7 +143,7 @@ def _package_text(out: Path, m: Manifest) -> str:
 @package_option("batch_size")
 @package_option("compute_dtype")
 @package_option("device")
-@package_option("max_memory")
+@package_option("max_memory", metavar="SIZE")
 @package_option("base_model")
 @package_option("license", "--license", "license")
 @overwrite_option("--out")

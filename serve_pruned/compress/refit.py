@@ -26,6 +26,13 @@ from serve_pruned.compress.stream import streamed
 
 
 @torch.no_grad()
+def _accumulate(into: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, block: int = 1024) -> None:
+    """``into += left @ right`` in float64, a block of columns at a time: the float32 product and its float64 copy
+    are then a block's size, not the Gram matrix's (at Llama-8B's FFN width that is 1.4 GB less at the peak)."""
+    for j in range(0, right.shape[1], block):
+        into[:, j : j + block] += (left @ right[:, j : j + block]).double()
+
+
 def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *, block: Any, linear: Any,
          original_block: Any, damp: float, measure_only: bool, stream: list[torch.Tensor] | None = None,
          residual_at: Any = None) -> tuple[float, float]:
@@ -78,8 +85,8 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
                 y = (stream[b].float() - residual.float()).reshape(-1, out_width)
             if bias is not None:  # the bias stays; the weight fits what is left
                 y = y - bias
-            gram += (a.T @ a).double()
-            cross += (a.T @ y).double()
+            _accumulate(gram, a.T, a)
+            _accumulate(cross, a.T, y)
             err_num += (a @ weight.T - y).double().pow(2).sum().item()
             err_den += y.double().pow(2).sum().item()
     before = err_num / max(err_den, 1e-12)
