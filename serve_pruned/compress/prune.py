@@ -93,9 +93,13 @@ def build_model(model: Any, cfg: dict, state: dict[str, torch.Tensor]) -> Any:
 
 
 def tensors_of(model: Any) -> Tensors:
-    """Where ``model``'s tensors are read from: a :class:`Streamed` model (in its compute dtype), or a model in
-    memory."""
-    return model if isinstance(model, Streamed) else ModuleTensors(model)
+    """Where ``model``'s tensors are read from: a :class:`Streamed` model as it is stored (sliced before it is cast to
+    the compute dtype: the cast then copies only what is kept), or a model in memory."""
+    return model.as_stored() if isinstance(model, Streamed) else ModuleTensors(model)
+
+
+def _compute_dtype(model: Any) -> torch.dtype | None:
+    return model.dtype if isinstance(model, Streamed) else None
 
 
 def pruned_view(model: Any, config: dict, before: Shape, after: Shape, sel: Selection, *,
@@ -104,7 +108,8 @@ def pruned_view(model: Any, config: dict, before: Shape, after: Shape, sel: Sele
     like = model.skeleton if isinstance(model, Streamed) else model
     device = device if device is not None else (model.device if isinstance(model, Streamed) else "cpu")
     return Streamed.skeleton_of(type(like.config).from_dict(pruned_config(config, after, sel)), type(like),
-                                PrunedTensors(tensors_of(model), before, sel), device=device, dtype=None)
+                                PrunedTensors(tensors_of(model), before, sel), device=device,
+                                dtype=_compute_dtype(model))
 
 
 def prune_model(model: Any, config: dict, before: Shape, after: Shape, sel: Selection) -> tuple[Any, dict]:
@@ -112,7 +117,12 @@ def prune_model(model: Any, config: dict, before: Shape, after: Shape, sel: Sele
     cfg = pruned_config(config, after, sel)
     view = PrunedTensors(tensors_of(model), before, sel)
     like = model.skeleton if isinstance(model, Streamed) else model
-    return build_model(like, cfg, {name: view.get(name) for name in view.names()}), cfg
+    dtype = _compute_dtype(model)
+    return build_model(like, cfg, {name: _cast(view.get(name), dtype) for name in view.names()}), cfg
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def whole_model(model: Any, dtype: torch.dtype | None = None) -> Any:

@@ -80,14 +80,18 @@ class ShardWriter:
 
 
 def write_layers(writer: ShardWriter, model: Any, *, skip_layers: bool = False) -> None:
-    """Every tensor of ``model`` (a :class:`Streamed` one) outside its decoder layers as one shard, then (unless
-    ``skip_layers``: a pass wrote them) each decoder layer as a shard of its own."""
+    """Every tensor of ``model`` (a :class:`Streamed` one) outside its decoder layers, one at a time (an 8B model's
+    embedding and head are 1 GB each), then (unless ``skip_layers``: a pass wrote them) each decoder layer.
+
+    Each is read as stored, not in the compute dtype: the writer casts it to the save dtype itself."""
     from serve_pruned.model.shapes import split_layer_name
 
     names = model.names()
-    writer.add({n: model.get(n) for n in names if split_layer_name(n) is None})
+    for n in names:
+        if split_layer_name(n) is None:
+            writer.add({n: model.stored(n)})
     if skip_layers:
         return
     for i in range(model.num_layers):
         prefix = f"model.layers.{i}."
-        writer.add({n: model.get(n) for n in names if n.startswith(prefix)})
+        writer.add({n: model.stored(n) for n in names if n.startswith(prefix)})

@@ -111,13 +111,20 @@ class Streamed:
         return self.tensors.names()
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor by its checkpoint name, on the host, in the compute dtype (a tied head reads the embedding).
+        """One tensor by its checkpoint name, on the host, in the compute dtype (a tied head reads the embedding)."""
+        tensor = self.stored(name)
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
 
-        With :meth:`names` this makes a streamed model a tensor source of its own (a pruned view reads it)."""
+    def stored(self, name: str) -> torch.Tensor:
+        """One tensor as its source holds it, not cast to the compute dtype: what a pruned view slices and a writer
+        reads (an 8B model's head is 1 GB in bf16, 2 GB in float32)."""
         if self.tensors is None:
             return self.skeleton.get_parameter(name).detach()
-        tensor = self.tensors.get(TIED_HEAD if name == f"{HEAD}.weight" and name not in self._names else name)
-        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
+        return self.tensors.get(TIED_HEAD if name == f"{HEAD}.weight" and name not in self._names else name)
+
+    def as_stored(self) -> Tensors:
+        """This model's tensors as they are stored: a source for a view that casts after it slices."""
+        return _Stored(self)
 
     @functools.cached_property
     def _names(self) -> set[str]:
@@ -155,6 +162,17 @@ class Streamed:
         """The last decoder layer's output for each batch."""
         hidden, kwargs = self.embed(batches)
         return self.through(hidden, kwargs, progress=progress)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    model: Streamed
+
+    def names(self) -> list[str]:
+        return self.model.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.model.stored(name)
 
 
 def streamed(model: Any, device: torch.device | str | None = None) -> Streamed:

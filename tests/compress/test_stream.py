@@ -149,12 +149,41 @@ def test_shards_are_a_folder_transformers_loads(tiny_models, tmp_path):
     writer = ShardWriter(tmp_path / "m", whole.config.to_dict())  # a shard per part
     write_layers(writer, lazy)
     folder = writer.close()
-    assert len(list(folder.glob("model-*-of-00005.safetensors"))) == 5  # head and embedding, then 4 layers
+    # the embedding and the final norm (the head is tied) one tensor at a time, then the 4 layers
+    assert len(list(folder.glob("model-*-of-00006.safetensors"))) == 6
     assert not list(folder.glob(".part-*"))
     again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ids = _samples(whole.config.vocab_size, n=1, seq=70)[0].tolist()
     assert evaluate(again, ids, seq_len=64).perplexity == pytest.approx(evaluate(whole, ids, seq_len=64).perplexity)
     assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_a_pruned_view_slices_as_stored_and_the_writer_reads_it_so(tiny_models, tmp_path):
+    """A view casts to the compute dtype only what it kept, and a writer never reads the compute dtype (an 8B
+    model's head in float32 is a 2 GB copy of what is stored as 1 GB of bf16)."""
+    from safetensors.torch import load_file
+
+    from serve_pruned.compress.importance import Selection
+    from serve_pruned.compress.prune import pruned_view
+    from serve_pruned.compress.shards import ShardWriter, write_layers
+    from serve_pruned.model.shapes import Shape
+
+    whole, lazy = _both(tiny_models["llama"], dtype=torch.float64)  # stored in float32
+    config = whole.config.to_dict()
+    before = Shape.from_config(config)
+    after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 128)
+    n = before.num_layers
+    sel = Selection(layers=list(range(n)), kv_groups=[list(range(before.num_kv_heads))] * n,
+                    heads=[list(range(before.num_heads))] * n, ffn=[list(range(0, 256, 2))] * n)
+    view = pruned_view(lazy, config, before, after, sel)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert view.stored(name).dtype == torch.float32 and view.get(name).dtype == torch.float64
+    assert view.get(name).equal(whole.get_parameter(name)[:, ::2].double())
+    writer = ShardWriter(tmp_path / "m", view.config.to_dict())  # no dtype of its own: keeps what it is given
+    write_layers(writer, view)
+    written = {k: v for f in writer.close().glob("*.safetensors") for k, v in load_file(f).items()}
+    assert {t.dtype for t in written.values()} == {torch.float32}
+    assert written[name].equal(whole.get_parameter(name)[:, ::2])
 
 
 def test_one_shard_is_named_as_transformers_names_it(tiny_models, tmp_path):
