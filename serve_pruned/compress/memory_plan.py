@@ -9,7 +9,8 @@ On an accelerator the weights and activations go to the device; the host keeps t
 read from disk on its way there.
 
 ``--max-memory`` is checked against these numbers up front (:meth:`MemoryPlan.check`); the quantize stage
-fits any host limit above its other terms, because weights beyond it stay on disk.
+fits any host limit above its other terms, because weights beyond it stay on disk (it is planned to fill
+``HEADROOM`` of the limit).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from serve_pruned.options import MemoryLimit, PackageOptions
 BASELINE_BYTES = int(0.45 * 2**30)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
+# The share of a host limit that named terms may fill: the rest is for what no term names (the allocator's slack,
+# llmcompressor's bookkeeping), so a stage that fills its share (quantization, holding weights) stays under it.
+HEADROOM = 0.9
 
 PROCESS = "the process itself"
 # What to change when a term is too big, by term.
@@ -78,6 +82,8 @@ class MemoryPlan:
 
     stages: tuple[StageMemory, ...]
     on_device: bool
+    # how much of the pruned weights quantization may hold in host memory (None: no host limit, all of them)
+    quantize_host_bytes: int | None = None
 
     def stage(self, name: str) -> StageMemory:
         return next(s for s in self.stages if s.stage == name)
@@ -105,13 +111,6 @@ class MemoryPlan:
                         f"more than the {bound / GIB:.2f} GiB allowed (its largest part: {term}, "
                         f"{s.terms(where)[term] / GIB:.2f} GiB)",
                         hint=_REMEDIES.get(term, "give the stage more memory"))
-
-    def offload_host_bytes(self, limit: MemoryLimit) -> int | None:
-        """How much of the pruned weights quantization may hold in host memory (None: no host limit)."""
-        if limit.host is None:
-            return None
-        others = max(s.host_bytes for s in self.stages if s.stage in ("quantize", "eval"))
-        return max(0, limit.host - others)
 
     def lines(self) -> list[str]:
         where = "device" if self.on_device else "host"
@@ -150,12 +149,16 @@ class _Sizes:
         return int((attn + mlp) * fraction)
 
     @property
+    def largest_tensor(self) -> int:  # an FFN projection: parameters
+        return self.hidden * max(self.shape.intermediate_size, self.shape.head_dim * self.shape.num_heads)
+
+    @property
     def table(self) -> int:  # the embedding (or an untied head): parameters
         return self.vocab * self.hidden
 
 
 def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], total_params: int,
-                save_dtype: str, has_eval: bool, on_device: bool) -> MemoryPlan:
+                save_dtype: str, has_eval: bool, on_device: bool, scorer: str) -> MemoryPlan:
     """The memory plan of one ``package`` run with ``opts`` on the source ``before``.
 
     Without a host limit, llmcompressor keeps the pruned weights in host memory while it quantizes (they are
@@ -180,7 +183,7 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
             "head": z.table * c, "logits": 2 * b * opts.eval_seq_len * vocab * 4}))
 
     if opts.prunes and calib:
-        stats = 2 * before.intermediate_size ** 2 * 4 if opts.scorer_used == "obs" else 0
+        stats = 2 * before.intermediate_size ** 2 * 4 if scorer == "obs" else 0
         stages.append(StageMemory("score", **_place(on_device, {
             "layer": z.layer() * c, "hidden states": hidden_states, "activations": ffn_act,
             "statistics": stats, "embedding": z.table * c})))
@@ -189,7 +192,9 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
     if opts.prunes:
         search = 2 * min(opts.search_samples, n) * seq * hidden * c
         stages.append(StageMemory("prune", **_place(on_device, {
-            "layer": 2 * z.layer() * c,  # the current layer and its pruned slices
+            # a candidate's layer, sliced as stored before it is cast, so the one tensor being sliced is in the
+            # stored dtype and only the kept part of the layer is in the compute dtype
+            "layer": z.layer(kept) * c + z.largest_tensor * z.save,
             "hidden states": search, "head": z.table * c,
             # the logits, the shifted copy log_softmax reads, and its output
             "logits": 3 * min(b, opts.search_samples) * seq * vocab * 4})))
@@ -210,6 +215,7 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
                 "optimizer": student * (4 + 2 * dbytes),  # gradients and AdamW's two moments
                 "activations": tokens * (before.num_layers * hidden * 16 * c + 3 * vocab * 4)})))
     weights = int(total_params * kept) * z.save
+    quantize_host = None
     if opts.quant != "none":
         in_widths = 5 * hidden ** 2 + (before.num_heads * before.head_dim) ** 2 + int(
             before.intermediate_size * kept) ** 2
@@ -217,15 +223,19 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
             "layer": z.layer(kept) * z.save * 2,  # onloaded, and its quantized copy
             "hidden states": 2 * n * seq * hidden * z.save if opts.quant != "fp8" else 0,
             "Hessians": 4 * in_widths if opts.quant != "fp8" else 0})))
-        for st in stages:  # held while it quantizes, and while the quantized model is evaluated
-            if st.stage in ("quantize", "eval"):
-                # without a host limit, all the weights stay in memory; with one, the embedding and head at least
-                st.host["weights"] = weights if opts.memory_limit.host is None else z.table * z.save * (
-                    1 if tied else 2)
+        # held while it quantizes, and while the quantized model is evaluated: all of the weights without a host
+        # limit; with one, what the limit leaves beside the stage's other terms (the rest stays on disk)
+        holding = [st for st in stages if st.stage in ("quantize", "eval")]
+        held = weights
+        if opts.memory_limit.host is not None:
+            others = max(st.host_bytes for st in holding)
+            held = quantize_host = min(weights, max(0, int(HEADROOM * opts.memory_limit.host) - others))
+        for st in holding:
+            st.host["weights"] = held
     stages.append(StageMemory("write", **_place(on_device, {
         "layer": z.layer(kept) * z.save, "shard": min(weights, OUTPUT_SHARD_BYTES),
         "embedding": z.table * z.save * (1 if tied else 2)}, weights_stay=True)))
-    return MemoryPlan(tuple(stages), on_device=on_device)
+    return MemoryPlan(tuple(stages), on_device=on_device, quantize_host_bytes=quantize_host)
 
 
 def _place(on_device: bool, terms: dict[str, int], *, weights_stay: bool = False) -> dict[str, Any]:

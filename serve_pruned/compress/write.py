@@ -103,7 +103,7 @@ def _quantize_and_save(plan: PackagePlan, loaded: Loaded, pruned: Pruned, qplan:
     log(f"quantizing ({qplan.scheme}{f', group size {qplan.group_size}' if qplan.group_size else ''}) "
         "with llmcompressor")
     with timer("quantize"):
-        host_bytes = plan.memory.offload_host_bytes(plan.opts.memory_limit) if plan.memory else None
+        host_bytes = plan.memory.quantize_host_bytes if plan.memory else None
         model = load_offloaded(unquantized, dtype=save_dtype, host_bytes=host_bytes, offload_dir=offload,
                                trust_remote_code=plan.opts.trust_remote_code)
         # llmcompressor reads config.json back from name_or_path (and writes it on save): the output's
@@ -142,8 +142,8 @@ def manifest_body(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
         "weight_bytes_before": sum(t.nbytes for t in src.tensors.values()),
         "kv_cache_bytes_per_token": chosen.shape.kv_cache_bytes_per_token(dtype_bytes),
         "kv_cache_bytes_per_token_before": before.kv_cache_bytes_per_token(dtype_bytes),
-        "pruning": ({"scorer": opts.scorer_used, **kept.summary(), "shape_search": pruned.steps[-1]["shape_search"]}
-                    if kept is not None else None),
+        "pruning": ({**plan.chosen_scorer.as_manifest(), **kept.summary(),
+                     "shape_search": pruned.steps[-1]["shape_search"]} if kept is not None else None),
         "recovery": pruned.recovery,
         "options": opts.public(),
         "quality": quality.manifest_section(eval_sources=plan.eval, ood_sources=plan.ood),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_pruned.compress.memory_plan import BASELINE_BYTES, GIB, plan_memory
+from serve_pruned.compress.memory_plan import GIB, HEADROOM, plan_memory
 from serve_pruned.errors import UsageError
 from serve_pruned.model.shapes import Shape
 from serve_pruned.options import MemoryLimit, PackageOptions
@@ -18,7 +18,8 @@ def plan(**kw):
     opts = PackageOptions(**{"model": "m", "out": "o", "calib": ("c.txt",), "target_params": 0.75,
                              "distill_steps": 0, "quant": "w8a8", "scorer": "activation", **kw})
     return plan_memory(opts, before=SHAPE_8B, config=LLAMA_8B, total_params=8_030_261_248, save_dtype="bfloat16",
-                       has_eval=False, on_device=False)
+                       has_eval=False, on_device=False,
+                       scorer=opts.scorer)
 
 
 def test_stages_are_those_the_run_goes_through_in_order():
@@ -53,14 +54,16 @@ def test_max_memory_refuses_naming_the_stage_and_what_to_change():
 
 
 def test_quantization_holds_what_the_host_limit_leaves():
-    assert plan().offload_host_bytes(MemoryLimit()) is None  # no limit: llmcompressor keeps them in memory
-    assert "weights" in plan().stage("quantize").host
+    whole = plan()
+    assert whole.quantize_host_bytes is None  # no limit: llmcompressor keeps the weights in memory
+    assert whole.stage("quantize").host["weights"] == int(8_030_261_248 * 0.75) * 2
     limited = plan(max_memory="8GiB")
-    # with a limit only the embedding and head stay in memory (2 GiB at 8B); the layers are read from disk
-    assert limited.stage("quantize").host["weights"] == 2 * 128256 * 4096 * 2 < plan().stage("quantize").host["weights"]
-    left = limited.offload_host_bytes(MemoryLimit(host=8 * GIB))
-    assert left == 8 * GIB - limited.stage("quantize").host_bytes and left > 0
-    assert limited.offload_host_bytes(MemoryLimit(host=BASELINE_BYTES)) == 0  # all of it stays on disk
+    held = limited.quantize_host_bytes
+    assert limited.stage("quantize").host["weights"] == held < whole.stage("quantize").host["weights"]
+    # the stage fills the share of the limit its named terms may take, and no more; the rest stays on disk
+    assert limited.stage("quantize").host_bytes == int(HEADROOM * 8 * GIB)
+    assert plan(max_memory="200GiB").quantize_host_bytes == whole.stage("quantize").host["weights"]  # all fit
+    assert plan(max_memory="2GiB").quantize_host_bytes == 0  # all of it stays on disk
 
 
 def test_a_refusal_comes_before_any_weight_is_read(tiny_models, text_files, tmp_path, monkeypatch):

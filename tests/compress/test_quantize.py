@@ -89,11 +89,11 @@ def test_weights_left_on_disk_quantize_as_in_memory_and_the_source_is_untouched(
     """Past the host budget, llmcompressor reads each layer from the files (here the source's own, quantized as
     stored): the output is the in-memory run's, byte for byte, and the files it read are not changed."""
     import hashlib
+    from dataclasses import replace
 
     from safetensors.torch import load_file
 
-    from serve_pruned.compress import quantize, write
-    from serve_pruned.compress.memory_plan import MemoryPlan
+    from serve_pruned.compress import plan, quantize, write
     from serve_pruned.compress.package import package
     from serve_pruned.options import PackageOptions
 
@@ -115,7 +115,8 @@ def test_weights_left_on_disk_quantize_as_in_memory_and_the_source_is_untouched(
     copies: list[object] = []
     real_write = write._write_weights
     monkeypatch.setattr(write, "_write_weights", lambda *a, **kw: copies.append(a[1]) or real_write(*a, **kw))
-    monkeypatch.setattr(MemoryPlan, "offload_host_bytes", lambda self, limit: 0)
+    real_plan = plan.plan_memory  # a host limit that leaves quantization nothing to hold: every layer on disk
+    monkeypatch.setattr(plan, "plan_memory", lambda *a, **kw: replace(real_plan(*a, **kw), quantize_host_bytes=0))
     package(opts(tmp_path / "disk"), progress=False)
     assert caches == ["DiskCache"]
     a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("memory", "disk"))
