@@ -88,7 +88,8 @@ class PackageOptions(BaseModel):
         "(8GiB), or host=8GiB,device=40GiB. Weights beyond the host size stay on disk while quantizing.")
 
     scorer: Literal["auto", "activation", "fluctuation", "magnitude", "obs"] = Field(
-        "auto", description="Importance scorer; auto: obs when the refit runs, else activation.")
+        "auto", description="Importance scorer; auto: obs when the refit runs and obs's predicted cost is affordable, "
+        "else activation (the plan says which and why).")
     target_params: float | None = Field(None, description="Fraction of total parameters to keep, in (0, 1).")
     keep_heads: int | None = Field(None, description="Query heads per layer to keep.")
     keep_kv_heads: int | None = Field(None, description="KV heads (groups) per layer to keep.")
@@ -173,17 +174,6 @@ class PackageOptions(BaseModel):
         if self.multiple_of is not None:
             return self.multiple_of
         return 64 if self.quant == "w4a16" else 32
-
-    @property
-    def scorer_used(self) -> str:
-        """``auto`` is ``obs`` when the least-squares refit follows the pruning, ``activation`` otherwise.
-
-        obs ranks FFN channels for that refit: with it, it ties activation in domain and is 1.4% better out of
-        domain (SmolLM2 at 0.75, bench/scorers.py); without it, it is worse (2.90x / 6.27x against 2.64x / 3.58x).
-        """
-        if self.scorer != "auto":
-            return self.scorer
-        return "obs" if self.recover and self.refit else "activation"
 
     @property
     def distills(self) -> bool:

@@ -32,16 +32,6 @@ def test_ffn_granularity_defaults_to_32_except_for_w4a16(tmp_path, given, expect
     assert build_options(values, origins={}).ffn_multiple == expected
 
 
-@pytest.mark.parametrize(("given", "expected"), [
-    ({}, "obs"), ({"recover": False}, "activation"), ({"refit": False}, "activation"),
-    ({"scorer": "activation"}, "activation"), ({"scorer": "obs", "recover": False}, "obs"),
-])
-def test_auto_scorer_is_obs_only_when_the_refit_follows(tmp_path, given, expected):
-    """obs ranks FFN channels for the least-squares refit; without one, activation prunes better."""
-    values = {"model": "m", "out": str(tmp_path / "o"), "target_params": 0.75, "calib": ["a.txt"], **given}
-    assert build_options(values, origins={}).scorer_used == expected
-
-
 def test_flags_override_the_recipe_and_recipe_beats_defaults(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: m\nout: o\ntarget-params: 0.75\ncalib: a.txt\ndistill_steps: 50\n")

@@ -92,21 +92,22 @@ def obs_order(gram: torch.Tensor, weight: torch.Tensor, *, chunk: int = 16, damp
     Returns:
         [F] float64: channel ``j``'s position in the elimination (0 = dropped first), so higher = keep.
     """
-    f = gram.shape[0]
-    h = gram.double()
-    h = h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(f, dtype=torch.float64)
+    f, dev, f64 = gram.shape[0], gram.device, torch.float64
+    h = gram.to(f64, copy=True)  # runs where the Gram matrix is: on an accelerator, it stays there
+    h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    w = weight.double().clone()
-    alive = torch.arange(f)
-    rank = torch.empty(f, dtype=torch.float64)
+    del h
+    w = weight.to(dev, f64, copy=True)
+    alive = torch.arange(f, device=dev)
+    rank = torch.empty(f, dtype=f64, device=dev)
     done = 0
     while alive.numel():
         cost = w.pow(2).sum(0) / hinv.diagonal()
         k = min(chunk, alive.numel())
         drop = torch.topk(cost, k, largest=False, sorted=True).indices
-        rank[alive[drop]] = torch.arange(done, done + k, dtype=torch.float64)
+        rank[alive[drop]] = torch.arange(done, done + k, dtype=f64, device=dev)
         done += k
-        keep = torch.ones(alive.numel(), dtype=torch.bool)
+        keep = torch.ones(alive.numel(), dtype=torch.bool, device=dev)
         keep[drop] = False
         # remove the chunk Q and refit the rest: W_K -= W_Q (H^-1_QQ)^-1 H^-1_QK, same downdate for H^-1
         h_qk = hinv[drop][:, keep]  # H^-1 is symmetric: H^-1_KQ is its transpose
@@ -114,7 +115,7 @@ def obs_order(gram: torch.Tensor, weight: torch.Tensor, *, chunk: int = 16, damp
         w = w[:, keep] - w[:, drop] @ across
         hinv = hinv[keep][:, keep] - h_qk.T @ across
         alive = alive[keep]
-    return rank
+    return rank.cpu()
 
 
 @torch.no_grad()

@@ -48,10 +48,12 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
         plan = plan_package(opts)
         _require_torch()
         device = resolve_device(opts.device)
-        memory = plan.plan_memory(on_device=device.type != "cpu")
+        memory = plan.place(on_device=device.type != "cpu")
         memory.check(opts.memory_limit)  # refuses before a weight is read
         for line in memory.lines():
             log(line)
+        if plan.prunes:
+            log(f"scorer: {plan.chosen_scorer.name} ({plan.chosen_scorer.reason})")
     quiet_transformers(progress)
     loaded = load(plan, device, timer, progress=progress, log=log)
     quality = _quality(plan, loaded, timer, progress=progress, log=log)

@@ -15,6 +15,7 @@ from serve_pruned.compress.data import TextSource, read_sources
 from serve_pruned.compress.memory_plan import MemoryPlan, plan_memory
 from serve_pruned.compress.provenance import source_license
 from serve_pruned.compress.quantize import QuantPlan, plan_quantization
+from serve_pruned.compress.scorer_choice import ScorerChoice, choose_scorer
 from serve_pruned.errors import CalibrationDataError, InvalidTargetError, UsageError
 from serve_pruned.manifest import PACKAGE_OWNER
 from serve_pruned.model.arch import ArchSupport, support_for
@@ -40,7 +41,9 @@ class PackagePlan:
     eval: list[TextSource]
     ood: list[TextSource]
     license_id: str | None
-    memory: MemoryPlan | None = None  # set once the device is known (package.py)
+    # set once the device is known (:meth:`place`)
+    memory: MemoryPlan | None = None
+    scorer: ScorerChoice | None = None
 
     @property
     def prunes(self) -> bool:
@@ -57,12 +60,20 @@ class PackagePlan:
         else float32 (transformers' default when a config declares none)."""
         return config_dtype(self.src.config) or "float32"
 
-    def plan_memory(self, *, on_device: bool) -> MemoryPlan:
-        """Each stage's predicted peak for these options, on the host or an accelerator."""
+    def place(self, *, on_device: bool) -> MemoryPlan:
+        """What depends on where the heavy stages run, on the host or an accelerator: the scorer (``auto``
+        weighs obs's cost there) and each stage's predicted peak."""
+        self.scorer = choose_scorer(self.opts, self.before, on_device=on_device)
         self.memory = plan_memory(self.opts, before=self.before, config=dict(self.src.config), total_params=self.total,
                                   save_dtype=self.save_dtype, has_eval=bool(self.eval or self.ood),
-                                  on_device=on_device)
+                                  on_device=on_device, scorer=self.scorer.name)
         return self.memory
+
+    @property
+    def chosen_scorer(self) -> ScorerChoice:
+        if self.scorer is None:
+            raise RuntimeError("the plan is not placed on a device yet (PackagePlan.place)")
+        return self.scorer
 
     def quantization(self, shape: Shape) -> QuantPlan | None:
         return plan_quantization(self.opts.quant, quantized_widths(shape, self.hidden), group_size=self.opts.group_size)
@@ -110,7 +121,7 @@ def _candidates(plan: PackagePlan) -> list[Candidate]:
 def _check_calibration_needed(plan: PackagePlan) -> None:
     opts = plan.opts
     quant_needs_data = opts.quant in ("w8a8", "w4a16")
-    needs_calib = quant_needs_data or (plan.prunes and (opts.scorer_used != "magnitude" or len(plan.candidates) > 1
+    needs_calib = quant_needs_data or (plan.prunes and (opts.scorer != "magnitude" or len(plan.candidates) > 1
                                                         or opts.drop_layers > 0 or opts.iterative))
     if needs_calib and not opts.calib:
         what = "quantization" if quant_needs_data and not plan.prunes else "this pruning"

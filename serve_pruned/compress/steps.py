@@ -322,7 +322,8 @@ class Steps:
         from serve_pruned.compress.stream import streamed
 
         opts, samples, device = self.opts, self.loaded.samples, self.loaded.device
-        obs = opts.scorer_used == "obs"  # its FFN order needs Gram matrices, collected only for it
+        scorer = self.plan.chosen_scorer.name
+        obs = scorer == "obs"  # its FFN order needs Gram matrices, collected only for it
         if k == 0 and samples is not None:
             key = stats_key(opts, self.loaded.fingerprint, self.loaded.calib_fp, obs=obs)
             stats = cached_stats(self.loaded.original, samples, key, batch_size=opts.batch_size,
@@ -333,7 +334,7 @@ class Steps:
                                       ffn_order=obs)
         else:  # magnitude scores need no data, only the weight norms; block influence is then unused
             stats = collect_stats(streamed(cur.model, device), torch.zeros((0, 1), dtype=torch.long))
-        return compute_scores(stats, cur.shape, opts.scorer_used)
+        return compute_scores(stats, cur.shape, scorer)
 
     def refit(self, new_model: Any, cur: Current, shape: Shape, kept: Selection, *, dropped: bool, where: str,
               report: dict[str, Any], writer: Any) -> bool:
