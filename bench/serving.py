@@ -51,7 +51,8 @@ def throughput(server: VLLMServer, *, concurrency: int, requests: int, tokens: i
     return done / (time.perf_counter() - t)
 
 
-def measure(name: str, folder: Path, ids: list[int], args: argparse.Namespace) -> dict:
+def measure(name: str, folder: Path, ids: list[int] | None, args: argparse.Namespace) -> dict:
+    """One server on ``folder``: start-up, throughput at concurrency 1 and 16, RSS, and (given ``ids``) perplexity."""
     weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     t = time.perf_counter()
     server = VLLMServer(str(folder), free_port(), max_model_len=1024, args=["--max-num-seqs", "16"])
@@ -60,7 +61,7 @@ def measure(name: str, folder: Path, ids: list[int], args: argparse.Namespace) -
     try:
         c1 = throughput(server, concurrency=1, requests=max(4, args.requests // 4), tokens=args.tokens)
         c16 = throughput(server, concurrency=16, requests=args.requests, tokens=args.tokens)
-        ppl, count = server.perplexity(windows(ids, 512))
+        ppl, count = server.perplexity(windows(ids, 512)) if ids else (float("nan"), 0)
         rss = tree_rss(server.proc.pid)
     finally:
         server.stop()
