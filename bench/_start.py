@@ -11,10 +11,10 @@ from typing import Any
 
 from _report import DOCS, OOD
 
-from serve_pruned.compress.caches import generated_texts
 from serve_pruned.compress.data import TextSource, eval_tokens, read_sources
 from serve_pruned.compress.evaluate import evaluate
 from serve_pruned.compress.example_model import materialize
+from serve_pruned.compress.generation import GenerationJob, generated_texts
 from serve_pruned.compress.model_io import load_model, load_tokenizer
 from serve_pruned.compress.package import package
 from serve_pruned.compress.provenance import source_fingerprint
@@ -50,11 +50,13 @@ def refit_start(*, eval_tokens_max: int, refit_target: str = "block") -> Start:
         teacher = load_model(src, dtype="float32", trust_remote_code=False)
         student = load_model(out, dtype="float32", trust_remote_code=False)
         sources = read_sources(list(CALIB))
-        fingerprint = source_fingerprint(resolve_model(str(src)))
+        resolved = resolve_model(str(src))
         for s in sources:  # the same generated texts the packaging used (cached by the model's fingerprint)
             if s.generate:
-                s.docs = generated_texts(lambda: teacher, tok, s.generate, fingerprint=fingerprint,
-                                         seq_len=opts.distill_seq_len, seed=opts.seed, progress=False,
+                job = GenerationJob(Path(resolved.path), dict(resolved.config), s.generate,
+                                    seq_len=opts.distill_seq_len, seed=opts.seed,
+                                    fingerprint=source_fingerprint(resolved))
+                s.docs = generated_texts(job, load_whole=lambda: teacher, tokenizer=tok, progress=False,
                                          log=lambda _m: None)
     texts = [eval_tokens(tok, read_sources([str(p)]), max_tokens=eval_tokens_max) for p in (DOCS / "tutorial", OOD)]
     return Start(opts, tok, teacher, student, sources, texts)

@@ -1,6 +1,7 @@
-"""What a rerun reuses: importance statistics, generated calibration text, and the key of a pruning run.
+"""What a rerun reuses: importance statistics and the key of a pruning run (generated calibration text is
+cached by :mod:`serve_pruned.compress.generation`).
 
-All three live under the serve_pruned cache (``SERVE_PRUNED_CACHE``) and are keyed by what they depend on:
+Both live under the serve_pruned cache (``SERVE_PRUNED_CACHE``) and are keyed by what they depend on:
 the source weights' fingerprint, the calibration text's, and the options that change the result.
 """
 
@@ -46,26 +47,6 @@ def stats_key(opts: PackageOptions, fingerprint: str, calib_fp: str, *, obs: boo
     return hashlib.sha256(
         f"{fingerprint}|{calib_fp}|{opts.num_samples}|{opts.seq_len}|{opts.seed}|"
         f"{opts.compute_dtype}|v2{'|obs' if obs else ''}".encode()).hexdigest()[:32]
-
-
-def generated_texts(model: Callable[[], Any], tokenizer: Any, count: int, *, fingerprint: str, seq_len: int,
-                    seed: int, progress: bool, log: Log) -> list[str]:
-    """The ``generated:N`` calibration source: the original model's own continuations, cached on disk.
-
-    ``model`` loads the whole original model when called: generation runs every layer for every token, so it
-    cannot stream layer by layer, and a cached text needs no model at all."""
-    from serve_pruned.atomic import atomic_write_text
-    from serve_pruned.compress.data import generate_texts
-
-    path = cache_root() / "generated" / f"{fingerprint[:24]}-{count}x{seq_len}-s{seed}.json"
-    if path.is_file():
-        log(f"generated calibration text: reusing {path}")
-        return list(json.loads(path.read_text()))
-    with progress_bar(count, f"generating {count} calibration texts with the original model", progress) as bar:
-        texts = generate_texts(model(), tokenizer, count, max_new_tokens=seq_len, seed=seed, progress=bar)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(texts))
-    return texts
 
 
 def run_key(opts: PackageOptions, fingerprint: str, calib_fp: str) -> str:

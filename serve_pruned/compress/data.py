@@ -227,9 +227,15 @@ GENERATION_PROMPTS = (
 )
 
 
+def generation_prompts(count: int) -> list[str]:
+    """The prompt of each of ``count`` generated texts: :data:`GENERATION_PROMPTS` in turn."""
+    return [GENERATION_PROMPTS[i % len(GENERATION_PROMPTS)] for i in range(count)]
+
+
 def generate_texts(model: Any, tokenizer: Any, count: int, *, max_new_tokens: int, seed: int,
-                   batch_size: int = 32, progress: Any = None) -> list[str]:
-    """``count`` sampled continuations (temperature 0.8, top-p 0.95) of :data:`GENERATION_PROMPTS`.
+                   temperature: float = 0.8, top_p: float = 0.95, batch_size: int = 32,
+                   progress: Any = None) -> list[str]:
+    """``count`` sampled continuations of :func:`generation_prompts`, in this process (transformers).
 
     Decoding a small model on a CPU is bound by reading the weights once per step, so a wide batch costs
     little more per step than a narrow one.
@@ -237,7 +243,7 @@ def generate_texts(model: Any, tokenizer: Any, count: int, *, max_new_tokens: in
     import torch
 
     torch.manual_seed(seed)
-    prompts = [GENERATION_PROMPTS[i % len(GENERATION_PROMPTS)] for i in range(count)]
+    prompts = generation_prompts(count)
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -248,8 +254,9 @@ def generate_texts(model: Any, tokenizer: Any, count: int, *, max_new_tokens: in
             batch = prompts[i : i + batch_size]
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
-                out = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens,
-                                     min_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id)
             for prompt, row in zip(batch, out[:, enc["input_ids"].shape[1] :], strict=True):
                 texts.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
             if progress is not None:

@@ -84,6 +84,8 @@ class MemoryPlan:
     on_device: bool
     # how much of the pruned weights quantization may hold in host memory (None: no host limit, all of them)
     quantize_host_bytes: int | None = None
+    # the source model whole in this process, in the compute dtype (what in-process text generation loads)
+    whole_model_bytes: int = 0
 
     def stage(self, name: str) -> StageMemory:
         return next(s for s in self.stages if s.stage == name)
@@ -235,7 +237,8 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
     stages.append(StageMemory("write", **_place(on_device, {
         "layer": z.layer(kept) * z.save, "shard": min(weights, OUTPUT_SHARD_BYTES),
         "embedding": z.table * z.save * (1 if tied else 2)}, weights_stay=True)))
-    return MemoryPlan(tuple(stages), on_device=on_device, quantize_host_bytes=quantize_host)
+    return MemoryPlan(tuple(stages), on_device=on_device, quantize_host_bytes=quantize_host,
+                      whole_model_bytes=BASELINE_BYTES + total_params * c)
 
 
 def _place(on_device: bool, terms: dict[str, int], *, weights_stay: bool = False) -> dict[str, Any]:

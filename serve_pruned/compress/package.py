@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_pruned.compress.caches import generated_texts
 from serve_pruned.compress.data import calibration_samples, eval_tokens, fingerprint_sources
 from serve_pruned.compress.device import resolve_device
+from serve_pruned.compress.generation import GenerationJob, generated_texts
 from serve_pruned.compress.model_io import load_model, load_tokenizer, quiet_transformers
 from serve_pruned.compress.plan import PackagePlan, plan_package
 from serve_pruned.compress.provenance import source_fingerprint
@@ -90,11 +90,13 @@ def load(plan: PackagePlan, device: Any, timer: Timer, *, progress: bool, log: L
                                                       trust_remote_code=opts.trust_remote_code))
     for source in plan.calib:
         if source.generate:
+            # texts of one distillation window each: the stream they form is cut into windows anyway
+            job = GenerationJob(Path(src.path), dict(src.config), source.generate, seq_len=opts.distill_seq_len,
+                                seed=opts.seed, fingerprint=loaded.fingerprint,
+                                trust_remote_code=opts.trust_remote_code)
             with timer("generate"):
-                # texts of one distillation window each: the stream they form is cut into windows anyway
-                source.docs = generated_texts(loaded.whole, tokenizer, source.generate, fingerprint=loaded.fingerprint,
-                                              seq_len=opts.distill_seq_len, seed=opts.seed, progress=progress,
-                                              log=log)
+                source.docs = generated_texts(job, load_whole=loaded.whole, tokenizer=tokenizer,
+                                              in_process_refused=_whole_refused(plan), progress=progress, log=log)
             if not opts.distills:  # only distillation's teacher needs the whole model again
                 loaded.release_whole()
     with timer("load"):
@@ -102,6 +104,15 @@ def load(plan: PackagePlan, device: Any, timer: Timer, *, progress: bool, log: L
             loaded.samples = calibration_samples(tokenizer, plan.calib, num_samples=opts.num_samples,
                                                  seq_len=opts.seq_len, seed=opts.seed)
     return loaded
+
+
+def _whole_refused(plan: PackagePlan) -> str | None:
+    """Why the whole source model may not be loaded in this process (it passes --max-memory), or None."""
+    limit = plan.opts.memory_limit.host
+    whole = plan.memory.whole_model_bytes if plan.memory is not None else 0
+    if limit is None or whole <= limit:
+        return None
+    return f"the whole model takes about {whole / 2**30:.2f} GiB, more than --max-memory's {limit / 2**30:.2f} GiB"
 
 
 def _quality(plan: PackagePlan, loaded: Loaded, timer: Timer, *, progress: bool, log: Log) -> Quality:
