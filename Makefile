@@ -95,7 +95,7 @@ bench: setup setup-bench
 	$(PY) bench/distill_speed.py
 	$(PY) bench/exporter_scrape.py
 	$(PY) bench/torch_pruning.py
-	$(PY) bench/scale.py --depths 4,8,16,22 --scorer activation --serve
+	$(PY) bench/scale.py --depths 4,8,16,22 --scorer activation --samples 4 --serve
 	$(PY) bench/obs_cost.py
 
 clean:

@@ -11,6 +11,14 @@ GPU memory from `nvidia-smi --query-compute-apps` (NVML; host PIDs) and prints p
 per instance, plus the GPU's used/total memory. It writes its table into docs/benchmarks.md. Budget:
 under 10 minutes for a 135M model (start-up ~30-60 s per instance). Exit code 1 if an instance did not
 start or measured more than predicted (the plan would have over-packed the GPU).
+
+With ``--package-8b`` it packages instead: a random model of Llama-3.1-8B's shape (bench/scale.py writes it
+layer by layer), `package --target-params 0.75 --quant w8a8 --distill-steps 0 --device cuda` (refit on), and
+records each stage's time and peak device memory (torch's allocator high-water mark, from the manifest) beside
+the memory plan's device prediction, and which scorer `auto` chose there. Budget: about 10 minutes on one
+H100/H200 (writing the random model is most of it on a slow disk).
+
+    .venv/bin/python bench/gpu_check.py --package-8b [--samples 16]
 """
 
 from __future__ import annotations
@@ -54,15 +62,53 @@ def descendants(pid: int) -> set[int]:
     return {pid, *(p.pid for p in proc.children(recursive=True))}
 
 
+def package_8b(samples: int) -> int:
+    """The 8B shape packaged on the GPU: each stage's seconds and peak device memory against the plan."""
+    import json
+    import tempfile
+
+    from scale import random_model, run
+
+    from serve_pruned.compress.example_model import materialize
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model = random_model(tmp / "llama-8b", None, materialize(tmp / "smol"), shape="llama-8b")
+        r = run(model, tmp / "out", code=root, scorer="auto", samples=samples, extra=("--device", "cuda"))
+        manifest = json.loads((tmp / "out" / "serve_pruned.json").read_text())
+    device = manifest.get("peak_memory", {}).get("device_gib", {})
+    plan = (manifest.get("memory_plan") or {}).get("device_gib", {})
+    lines = [f"Llama-3.1-8B's shape (random weights), `--target-params 0.75 --quant w8a8 --distill-steps 0 "
+             f"--device cuda`, {samples} calibration samples of 256 tokens; scorer: "
+             f"{manifest['pruning']['scorer']} ({manifest['pruning'].get('scorer_reason', '')}).", "",
+             "| stage | time (s) | peak device (GiB) | plan device (GiB) | peak host (GiB) |", "|---|---|---|---|---|"]
+    for key, secs in r["stages"].items():
+        st = key.removesuffix("_s")
+        if st != "total":
+            lines.append(f"| {st} | {secs:.0f} | {device.get(st, 0):.2f} | {plan.get(st, float('nan')):.2f} | "
+                         f"{r['peaks'].get(st, 0):.2f} |")
+    lines.append(f"| **total** | {r['wall']:.0f} | | | {r['rss']:.2f} |")
+    write_section("gpu-package-8b", "\n".join(lines), "python bench/gpu_check.py " + " ".join(sys.argv[1:]))
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
-    ap.add_argument("--gpu", required=True)
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--package-8b", action="store_true", help="package the 8B shape on the GPU instead")
+    ap.add_argument("--samples", type=int, default=16, help="calibration samples (--package-8b)")
+    ap.add_argument("--gpu")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--instances", type=int)
     ap.add_argument("--port", type=int, default=8300)
     args = ap.parse_args()
+    if args.package_8b:
+        return package_8b(args.samples)
+    if not args.model or not args.gpu:
+        ap.error("MODEL and --gpu are needed to check co-location (or pass --package-8b)")
     opts = ServeOptions(model=args.model, instances=args.instances, port=args.port, device="cuda", gpu=args.gpu,
                         max_model_len=args.max_model_len, concurrency=args.concurrency)
     the_plan = plan_for(opts, Path(args.model))

@@ -41,7 +41,8 @@ def tree_rss(pid: int) -> int:
 
 def throughput(server: VLLMServer, *, concurrency: int, requests: int, tokens: int) -> float:
     def one(_i: int) -> int:
-        out = server.complete(PROMPT, max_tokens=tokens, ignore_eos=True)
+        out = server.post("/v1/completions", {"model": server.model, "prompt": PROMPT, "max_tokens": tokens,
+                                                "temperature": 0.0, "ignore_eos": True}, timeout=1800)
         return int(out["usage"]["completion_tokens"])
 
     server.complete(PROMPT, max_tokens=4)  # warm-up
