@@ -64,9 +64,8 @@ def generated_texts(job: GenerationJob, *, load_whole: Callable[[], Any], tokeni
         if path.is_file():
             log(f"generated calibration text: reusing {path}")
             return list(json.loads(path.read_text()))
-    texts, backend = None, "vllm"
     try:
-        texts = _through_vllm(job, progress=progress, log=log)
+        texts, backend = _through_vllm(job, progress=progress, log=log), "vllm"
     except (ServingEnvironmentError, VLLMStartError) as exc:
         if in_process_refused is not None:
             raise ServingEnvironmentError(
@@ -75,9 +74,7 @@ def generated_texts(job: GenerationJob, *, load_whole: Callable[[], Any], tokeni
                 hint=f"{exc.hint}; or raise --max-memory, or calibrate on text files only") from exc
         log(f"generated calibration text: not through vLLM ({exc.message}); in this process, the whole model "
             "loaded")
-        backend = "transformers"
-    if texts is None:
-        texts = _in_process(job, load_whole(), tokenizer, progress=progress)
+        texts, backend = _in_process(job, load_whole(), tokenizer, progress=progress), "transformers"
     path = job.cache_path(backend)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(texts))

@@ -114,6 +114,13 @@ class MemoryPlan:
                         f"{s.terms(where)[term] / GIB:.2f} GiB)",
                         hint=_REMEDIES.get(term, "give the stage more memory"))
 
+    def whole_model_refused(self, limit: MemoryLimit) -> str | None:
+        """Why the whole source model may not be loaded in this process (it passes the host limit), or None."""
+        if limit.host is None or self.whole_model_bytes <= limit.host:
+            return None
+        return (f"the whole model takes about {self.whole_model_bytes / GIB:.2f} GiB, more than --max-memory's "
+                f"{limit.host / GIB:.2f} GiB")
+
     def lines(self) -> list[str]:
         where = "device" if self.on_device else "host"
         out = [f"memory plan (predicted peak per stage; {where} holds the weights and activations):"]

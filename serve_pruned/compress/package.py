@@ -94,9 +94,10 @@ def load(plan: PackagePlan, device: Any, timer: Timer, *, progress: bool, log: L
             job = GenerationJob(Path(src.path), dict(src.config), source.generate, seq_len=opts.distill_seq_len,
                                 seed=opts.seed, fingerprint=loaded.fingerprint,
                                 trust_remote_code=opts.trust_remote_code)
+            refused = plan.memory.whole_model_refused(opts.memory_limit) if plan.memory is not None else None
             with timer("generate"):
                 source.docs = generated_texts(job, load_whole=loaded.whole, tokenizer=tokenizer,
-                                              in_process_refused=_whole_refused(plan), progress=progress, log=log)
+                                              in_process_refused=refused, progress=progress, log=log)
             if not opts.distills:  # only distillation's teacher needs the whole model again
                 loaded.release_whole()
     with timer("load"):
@@ -104,15 +105,6 @@ def load(plan: PackagePlan, device: Any, timer: Timer, *, progress: bool, log: L
             loaded.samples = calibration_samples(tokenizer, plan.calib, num_samples=opts.num_samples,
                                                  seq_len=opts.seq_len, seed=opts.seed)
     return loaded
-
-
-def _whole_refused(plan: PackagePlan) -> str | None:
-    """Why the whole source model may not be loaded in this process (it passes --max-memory), or None."""
-    limit = plan.opts.memory_limit.host
-    whole = plan.memory.whole_model_bytes if plan.memory is not None else 0
-    if limit is None or whole <= limit:
-        return None
-    return f"the whole model takes about {whole / 2**30:.2f} GiB, more than --max-memory's {limit / 2**30:.2f} GiB"
 
 
 def _quality(plan: PackagePlan, loaded: Loaded, timer: Timer, *, progress: bool, log: Log) -> Quality:

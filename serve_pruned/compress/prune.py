@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from serve_pruned.compress.importance import Selection
-from serve_pruned.compress.stream import Streamed
+from serve_pruned.compress.stream import Streamed, cast_floating
 from serve_pruned.compress.weights import ModuleTensors, Tensors
 from serve_pruned.model.shapes import RESIZE, Shape, split_layer_name
 
@@ -118,11 +118,7 @@ def prune_model(model: Any, config: dict, before: Shape, after: Shape, sel: Sele
     view = PrunedTensors(tensors_of(model), before, sel)
     like = model.skeleton if isinstance(model, Streamed) else model
     dtype = _compute_dtype(model)
-    return build_model(like, cfg, {name: _cast(view.get(name), dtype) for name in view.names()}), cfg
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return build_model(like, cfg, {name: cast_floating(view.get(name), dtype) for name in view.names()}), cfg
 
 
 def whole_model(model: Any, dtype: torch.dtype | None = None) -> Any:
@@ -132,6 +128,5 @@ def whole_model(model: Any, dtype: torch.dtype | None = None) -> Any:
         return model.to(dtype) if dtype is not None else model
     state = {}
     for name in model.names():
-        tensor = model.get(name)
-        state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        state[name] = cast_floating(model.get(name), dtype)
     return build_model(model.skeleton, model.config.to_dict(), state)

@@ -112,8 +112,7 @@ class Streamed:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor by its checkpoint name, on the host, in the compute dtype (a tied head reads the embedding)."""
-        tensor = self.stored(name)
-        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
+        return cast_floating(self.stored(name), self.dtype)
 
     def stored(self, name: str) -> torch.Tensor:
         """One tensor as its source holds it, not cast to the compute dtype: what a pruned view slices and a writer
@@ -162,6 +161,11 @@ class Streamed:
         """The last decoder layer's output for each batch."""
         hidden, kwargs = self.embed(batches)
         return self.through(hidden, kwargs, progress=progress)
+
+
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` when it is floating (integer buffers keep theirs; None: as it is)."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 @dataclass(frozen=True)
