@@ -10,7 +10,8 @@ read from disk on its way there.
 
 ``--max-memory`` is checked against these numbers up front (:meth:`MemoryPlan.check`); the quantize stage
 fits any host limit above its other terms, because weights beyond it stay on disk (it is planned to fill
-``HEADROOM`` of the limit).
+``HEADROOM`` of the limit; without one, up to the streamed stages' peak, so the run's peak does not grow with
+the depth).
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
                 save_dtype: str, has_eval: bool, on_device: bool, scorer: str) -> MemoryPlan:
     """The memory plan of one ``package`` run with ``opts`` on the source ``before``.
 
-    Without a host limit, llmcompressor keeps the pruned weights in host memory while it quantizes (they are
-    a term of that stage); with one, what does not fit stays on disk.
+    llmcompressor holds as much of the pruned weights in host memory while it quantizes as the host limit, or
+    without one the streamed stages' peak, leaves (:func:`_hold_while_quantizing`); the rest stays on disk.
     """
     hidden = int(config["hidden_size"])
     vocab = int(config["vocab_size"])
@@ -224,7 +225,6 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
                 "optimizer": student * (4 + 2 * dbytes),  # gradients and AdamW's two moments
                 "activations": tokens * (before.num_layers * hidden * 16 * c + 3 * vocab * 4)})))
     weights = int(total_params * kept) * z.save
-    quantize_host = None
     if opts.quant != "none":
         in_widths = 5 * hidden ** 2 + (before.num_heads * before.head_dim) ** 2 + int(
             before.intermediate_size * kept) ** 2
@@ -232,20 +232,38 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
             "layer": z.layer(kept) * z.save * 2,  # onloaded, and its quantized copy
             "hidden states": 2 * n * seq * hidden * z.save if opts.quant != "fp8" else 0,
             "Hessians": 4 * in_widths if opts.quant != "fp8" else 0})))
-        # held while it quantizes, and while the quantized model is evaluated: all of the weights without a host
-        # limit; with one, what the limit leaves beside the stage's other terms (the rest stays on disk)
-        holding = [st for st in stages if st.stage in ("quantize", "eval")]
-        held = weights
-        if opts.memory_limit.host is not None:
-            others = max(st.host_bytes for st in holding)
-            held = quantize_host = min(weights, max(0, int(HEADROOM * opts.memory_limit.host) - others))
-        for st in holding:
-            st.host["weights"] = held
     stages.append(StageMemory("write", **_place(on_device, {
         "layer": z.layer(kept) * z.save, "shard": min(weights, OUTPUT_SHARD_BYTES),
         "embedding": z.table * z.save * (1 if tied else 2)}, weights_stay=True)))
+    quantize_host = _hold_while_quantizing(stages, weights, opts.memory_limit.host, on_device=on_device) \
+        if opts.quant != "none" else None
     return MemoryPlan(tuple(stages), on_device=on_device, quantize_host_bytes=quantize_host,
                       whole_model_bytes=BASELINE_BYTES + total_params * c)
+
+
+def _hold_while_quantizing(stages: list[StageMemory], weights: int, host_limit: int | None, *,
+                           on_device: bool) -> int | None:
+    """How much of the pruned weights llmcompressor holds in host memory while it quantizes, and while the
+    quantized model is evaluated (None: all of them); what is not held stays on disk. The amount becomes those
+    stages' "weights" term.
+
+    Under a host limit: what ``HEADROOM`` of it leaves beside the stages' other terms. Without one, on the host:
+    what the streamed stages' peak leaves, so quantization never raises the run's peak (holding every weight
+    would make the peak grow with the depth, which streaming is for). On a device with no host limit, all of
+    them: the host is not where the weights are worked on.
+    """
+    holding = [st for st in stages if st.stage in ("quantize", "eval")]
+    others = max(st.host_bytes for st in holding)
+    if host_limit is not None:
+        held: int | None = min(weights, max(0, int(HEADROOM * host_limit) - others))
+    elif not on_device:
+        streamed_peak = max((st.host_bytes for st in stages if st not in holding), default=others)
+        held = min(weights, max(0, streamed_peak - others))
+    else:
+        held = None
+    for st in holding:
+        st.host["weights"] = weights if held is None else held
+    return held
 
 
 def _place(on_device: bool, terms: dict[str, int], *, weights_stay: bool = False) -> dict[str, Any]:

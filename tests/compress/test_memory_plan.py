@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from serve_pruned.compress.memory_plan import GIB, HEADROOM, plan_memory
@@ -35,8 +37,9 @@ def test_terms_follow_the_options_that_size_them():
     assert one.host["layer"] == 218_103_808 * 4
     assert plan(compute_dtype="bfloat16").stage("score").host["layer"] == 218_103_808 * 2
     assert "statistics" in plan(scorer="obs").stage("score").host  # obs gathers FFN Gram matrices
-    # an 8B model streams: under a host limit (weights then stay on disk while quantizing) every stage fits 8 GiB
-    assert plan(max_memory="8GiB").peak_host_bytes < 8 * GIB < plan().peak_host_bytes
+    # an 8B model streams: every stage fits 8 GiB, with that limit or none (weights that the limit, or the streamed
+    # stages' peak, leaves no room for stay on disk while quantizing)
+    assert plan().peak_host_bytes < plan(max_memory="8GiB").peak_host_bytes < 8 * GIB
     # distillation holds student and teacher whole, and AdamW's state
     assert plan(distill_steps=8).stage("distill").host_bytes > 60 * GIB
 
@@ -54,16 +57,39 @@ def test_max_memory_refuses_naming_the_stage_and_what_to_change():
 
 
 def test_quantization_holds_what_the_host_limit_leaves():
-    whole = plan()
-    assert whole.quantize_host_bytes is None  # no limit: llmcompressor keeps the weights in memory
-    assert whole.stage("quantize").host["weights"] == int(8_030_261_248 * 0.75) * 2
+    weights = int(8_030_261_248 * 0.75) * 2
     limited = plan(max_memory="8GiB")
     held = limited.quantize_host_bytes
-    assert limited.stage("quantize").host["weights"] == held < whole.stage("quantize").host["weights"]
+    assert limited.stage("quantize").host["weights"] == held < weights
     # the stage fills the share of the limit its named terms may take, and no more; the rest stays on disk
     assert limited.stage("quantize").host_bytes == int(HEADROOM * 8 * GIB)
-    assert plan(max_memory="200GiB").quantize_host_bytes == whole.stage("quantize").host["weights"]  # all fit
+    assert plan(max_memory="200GiB").quantize_host_bytes == weights  # all fit
     assert plan(max_memory="2GiB").quantize_host_bytes == 0  # all of it stays on disk
+
+
+def test_without_a_limit_quantization_holds_no_more_than_the_streamed_stages_peak():
+    weights = int(8_030_261_248 * 0.75) * 2
+    # all of the 8B model's weights (12 GB) would make quantization the run's peak, growing with the depth
+    free = plan()
+    streamed_peak = max(s.host_bytes for s in free.stages if s.stage not in ("quantize", "eval"))
+    assert 0 < free.quantize_host_bytes < weights
+    assert free.stage("quantize").host_bytes == streamed_peak == free.peak_host_bytes
+    # half as deep: the streamed stages hold as much, the weights are fewer, and the peak is the same
+    shallow = plan_of(dataclasses.replace(SHAPE_8B, num_layers=16), total_params=4_500_000_000)
+    assert shallow.peak_host_bytes == free.peak_host_bytes
+    # a small model's weights all fit beside the streamed stages' peak: nothing is read back from disk
+    assert plan_of(SHAPE_8B, total_params=100_000_000).quantize_host_bytes == int(100_000_000 * 0.75) * 2
+    # on an accelerator with no host limit the host holds them all
+    on_gpu = plan_of(SHAPE_8B, total_params=8_030_261_248, on_device=True)
+    assert on_gpu.quantize_host_bytes is None and on_gpu.stage("quantize").host["weights"] == weights
+
+
+def plan_of(shape, *, total_params, on_device=False):
+    opts = PackageOptions(model="m", out="o", calib=("c.txt",), target_params=0.75, distill_steps=0, quant="w8a8",
+                          scorer="activation")
+    return plan_memory(opts, before=shape, config={**LLAMA_8B, "num_hidden_layers": shape.num_layers},
+                       total_params=total_params, save_dtype="bfloat16", has_eval=False, on_device=on_device,
+                       scorer="activation")
 
 
 def test_a_refusal_comes_before_any_weight_is_read(tiny_models, text_files, tmp_path, monkeypatch):
