@@ -8,6 +8,7 @@ cannot work are rejected with the field named.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -15,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serve_pruned.errors import OptionError, yaml_problem
+from serve_pruned.serving.memory import DEFAULT_CONCURRENCY, DEFAULT_MAX_MODEL_LEN
 
 # Marks an option that does not change what pruning and recovery produce (output, evaluation, quantization,
 # the card): left out of the recovery checkpoints' key. Unmarked options are in it, so a new one is never
@@ -50,6 +52,23 @@ class MemoryLimit:
             where, _, size = part.rpartition("=")
             parts[where or "host"] = parse_size(size)
         return cls(**parts)
+
+
+@dataclass(frozen=True)
+class SizeTarget:
+    """What the output must fit: at most ``weight_bytes``, or ``instances`` per ``gpu`` at the serving sizes."""
+
+    weight_bytes: int | None = None
+    instances: int | None = None
+    gpu: str | None = None
+    max_model_len: int = 0
+    concurrency: int = 0
+
+    def describe(self) -> str:
+        if self.weight_bytes is not None:
+            return f"at most {self.weight_bytes / 2**30:.3f} GiB of weights"
+        return (f"{self.instances} instance(s) per {self.gpu} at {self.max_model_len} tokens x {self.concurrency} "
+                "sequences")
 
 
 class PackageOptions(BaseModel):
@@ -91,6 +110,16 @@ class PackageOptions(BaseModel):
         "auto", description="Importance scorer; auto: obs when the refit runs and obs's predicted cost is affordable, "
         "else activation (the plan says which and why).")
     target_params: float | None = Field(None, description="Fraction of total parameters to keep, in (0, 1).")
+    target_weight_bytes: str | None = Field(
+        None, pattern=rf"^{_SIZE}$", description="Prune (least first) until the output's weights, quantized as "
+        "--quant says, take at most this (e.g. 2GiB).")
+    target_instances: int | None = Field(
+        None, ge=1, description="Prune (least first) until this many instances of the output fit one --gpu at "
+        "--max-model-len and --concurrency, by `serve-pruned plan`'s memory model.")
+    gpu: str | None = Field(None, description="GPU type of --target-instances (as `serve-pruned plan --gpu`).")
+    max_model_len: int = Field(DEFAULT_MAX_MODEL_LEN, ge=16,
+                               description="Context length each instance serves (--target-instances).")
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="Sequences per instance (--target-instances).")
     keep_heads: int | None = Field(None, description="Query heads per layer to keep.")
     keep_kv_heads: int | None = Field(None, description="KV heads (groups) per layer to keep.")
     keep_ffn: int | None = Field(None, description="FFN channels per layer to keep.")
@@ -158,8 +187,17 @@ class PackageOptions(BaseModel):
         return MemoryLimit.parse(self.max_memory)
 
     @property
+    def size_target(self) -> SizeTarget | None:
+        """A target in bytes or instances (the plan turns it into shapes), or None."""
+        if self.target_weight_bytes is None and self.target_instances is None:
+            return None
+        return SizeTarget(weight_bytes=parse_size(self.target_weight_bytes) if self.target_weight_bytes else None,
+                          instances=self.target_instances, gpu=self.gpu, max_model_len=self.max_model_len,
+                          concurrency=self.concurrency)
+
+    @property
     def prunes(self) -> bool:
-        return (self.target_params is not None or self.drop_layers > 0
+        return (self.target_params is not None or self.size_target is not None or self.drop_layers > 0
                 or any(v is not None for v in (self.keep_heads, self.keep_kv_heads, self.keep_ffn)))
 
     @property
@@ -188,6 +226,14 @@ class PackageOptions(BaseModel):
             raise ValueError(f"target_params: must be a fraction in (0, 1), got {t}")
         if t == 1.0:
             raise ValueError("target_params: 1.0 is already met by the original model: nothing would be pruned")
+        asked = [f for f in ("target_params", "target_weight_bytes", "target_instances")
+                 if getattr(self, f) is not None]
+        if len(asked) > 1:
+            raise ValueError(f"target: one target at a time, got {' and '.join(asked)}")
+        if self.target_instances is not None and not self.gpu:
+            raise ValueError("gpu: --target-instances needs the GPU type the instances share")
+        if self.size_target is not None and self.schedule == "iterative":
+            raise ValueError("schedule: a target in bytes or instances is reached in one step")
         if self.distills and not self.calib:
             raise ValueError("calib: recovery distills on calibration text and none was given")
         if self.prunes and self.recover and self.refit and not self.calib:
@@ -216,12 +262,16 @@ class PackageOptions(BaseModel):
 _RULE_HINTS = {
     "group_size": "drop group_size, or set quant: w4a16",
     "target_params": "e.g. 0.75 keeps three quarters of the parameters",
+    "target": "pass one of --target-params, --target-weight-bytes and --target-instances",
+    "gpu": "pass --gpu H100-80GB (see `serve-pruned plan --help` for the types), or cpu",
+    "schedule": "leave --schedule at one-shot, or give --target-params instead",
     "calib": "add calib: [FILE, ...] (mix sources), or set recover: false / --no-recover",
 }
 # What to do about a value out of range, where "pass a value in range" is not enough.
 _RANGE_HINTS = {
     "device": "pass auto, cpu, cuda or cuda:N (N an accelerator's index)",
     "max_memory": "pass a size such as 8GiB (the host), or host=8GiB,device=40GiB",
+    "target_weight_bytes": "pass a size such as 2GiB or 500MB",
     "group_size": "a W4A16 group size such as 128, 64 or 32 that divides the model's widths (leave it out to "
                   "get the largest that does)",
 }
@@ -278,7 +328,8 @@ def validated(cls: type[M], values: dict[str, Any], *, origins: dict[str, str] |
     fields = cls.model_fields
     for k in values:
         if k not in fields:
-            close = [f for f in fields if f.startswith(k[:4])][:3]
+            close = (difflib.get_close_matches(k, list(fields), n=3, cutoff=0.8)
+                     or [f for f in fields if f.startswith(k[:4])][:3])
             hint = f"did you mean {' or '.join(close)}?" if close else "see the command's --help"
             raise OptionError("unknown key", field=k, source=origins.get(k), hint=hint)
     try:

@@ -69,6 +69,11 @@ def _package_text(out: Path, m: Manifest) -> str:
         f"  weight bytes   {m.weight_bytes_before:,} -> {m.weight_bytes:,}",
         f"  KV bytes/token {m.kv_cache_bytes_per_token_before:,} -> {m.kv_cache_bytes_per_token:,}",
     ]
+    if m.target:
+        t = m.target
+        lines.append(f"  target         {t['asked']}: weights {t['weight_bytes_written']:,} (predicted "
+                     f"{t['predicted_weight_bytes']:,})" + (f", {t['instances_fit']} instances fit"
+                                                            if t.get("instances_fit") is not None else ""))
     if m.quantization is not None:
         group = f" (group {m.quantization.group_size})" if m.quantization.group_size else ""
         lines.append(f"  quantization   {m.quantization.scheme}{group}")
@@ -112,6 +117,11 @@ def _package_text(out: Path, m: Manifest) -> str:
 @package_option("seed")
 @package_option("scorer")
 @package_option("target_params")
+@package_option("target_weight_bytes", metavar="SIZE")
+@package_option("target_instances")
+@package_option("gpu")
+@package_option("max_model_len")
+@package_option("concurrency")
 @package_option("keep_heads")
 @package_option("keep_kv_heads")
 @package_option("keep_ffn")

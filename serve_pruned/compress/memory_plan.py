@@ -27,7 +27,7 @@ from serve_pruned.options import MemoryLimit, PackageOptions
 # The process before any weight is read: Python, torch, transformers and llmcompressor imported, the tokenizer
 # loaded. Measured as the "load" stage's peak RSS on this machine kind (docs/benchmarks.md, scale section).
 BASELINE_BYTES = int(0.45 * 2**30)
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
 # The share of a host limit that named terms may fill: the rest is for what no term names (the allocator's slack,
 # llmcompressor's bookkeeping), so a stage that fills its share (quantization, holding weights) stays under it.
@@ -178,7 +178,7 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
     vocab = int(config["vocab_size"])
     tied = bool(config.get("tie_word_embeddings", False))
     kept = opts.target_params if opts.target_params is not None else 1.0
-    z = _Sizes(before, hidden, vocab, tied, _DTYPE_BYTES[opts.compute_dtype], _DTYPE_BYTES.get(save_dtype, 4), kept)
+    z = _Sizes(before, hidden, vocab, tied, DTYPE_BYTES[opts.compute_dtype], DTYPE_BYTES.get(save_dtype, 4), kept)
     c = z.compute
     n, seq, b = opts.num_samples, opts.seq_len, opts.batch_size
     calib = opts.calib and (opts.prunes or opts.quant not in ("none", "fp8"))

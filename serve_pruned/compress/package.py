@@ -50,7 +50,7 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
         device = resolve_device(opts.device)
         memory = plan.place(on_device=device.type != "cpu")
         memory.check(opts.memory_limit)  # refuses before a weight is read
-        for line in memory.lines():
+        for line in [*(plan.fit.lines() if plan.fit else []), *memory.lines()]:
             log(line)
         if plan.prunes:
             log(f"scorer: {plan.chosen_scorer.name} ({plan.chosen_scorer.reason})")

@@ -6,23 +6,25 @@ sources and the licence: bad input fails here in well under a second.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from serve_pruned.atomic import check_output
 from serve_pruned.compress.data import TextSource, read_sources
-from serve_pruned.compress.memory_plan import MemoryPlan, plan_memory
+from serve_pruned.compress.memory_plan import DTYPE_BYTES, MemoryPlan, plan_memory
 from serve_pruned.compress.provenance import source_license
 from serve_pruned.compress.quantize import QuantPlan, plan_quantization
 from serve_pruned.compress.scorer_choice import ScorerChoice, choose_scorer
+from serve_pruned.compress.size_target import Sizer, TargetFit, fit_target
 from serve_pruned.errors import CalibrationDataError, InvalidTargetError, UsageError
 from serve_pruned.manifest import PACKAGE_OWNER
 from serve_pruned.model.arch import ArchSupport, support_for
 from serve_pruned.model.config import config_dtype, config_int
 from serve_pruned.model.shapes import Candidate, Shape, count_params, plan_shapes
 from serve_pruned.model.source import ModelSource, resolve_model
-from serve_pruned.options import PackageOptions
+from serve_pruned.options import PackageOptions, SizeTarget
 
 
 @dataclass
@@ -41,6 +43,8 @@ class PackagePlan:
     eval: list[TextSource]
     ood: list[TextSource]
     license_id: str | None
+    # a target in bytes or instances, and the shapes it admits (opts then holds the parameter fraction it implies)
+    fit: TargetFit | None = None
     # set once the device is known (:meth:`place`)
     memory: MemoryPlan | None = None
     scorer: ScorerChoice | None = None
@@ -78,6 +82,11 @@ class PackagePlan:
     def quantization(self, shape: Shape) -> QuantPlan | None:
         return plan_quantization(self.opts.quant, quantized_widths(shape, self.hidden), group_size=self.opts.group_size)
 
+    def sizer(self) -> Sizer:
+        """What an output of a given shape weighs, with this run's quantization and save dtype."""
+        return Sizer(self.src.shapes(), self.before, self.src.config, DTYPE_BYTES.get(self.save_dtype, 4),
+                     self.quantization)
+
 
 def quantized_widths(shape: Shape, hidden: int) -> list[int]:
     """Input widths of the linear layers a quantizer sees: hidden (q/k/v/gate/up), o_proj, down_proj."""
@@ -107,6 +116,8 @@ def plan_package(opts: PackageOptions) -> PackagePlan:
 
 def _candidates(plan: PackagePlan) -> list[Candidate]:
     opts = plan.opts
+    if opts.size_target is not None:
+        return _fit_size_target(plan, opts.size_target)
     if plan.prunes:
         return plan_shapes(plan.src.shapes(), plan.before, target=opts.target_params, keep_heads=opts.keep_heads,
                            keep_kv_heads=opts.keep_kv_heads, keep_ffn=opts.keep_ffn, drop_layers=opts.drop_layers,
@@ -116,6 +127,24 @@ def _candidates(plan: PackagePlan) -> list[Candidate]:
             "nothing to do: no pruning target or counts, and no quantization",
             field="target_params", hint="pass --target-params 0.75 and/or --quant w8a8")
     return [Candidate(plan.before, plan.total, 1.0)]
+
+
+def _fit_size_target(plan: PackagePlan, target: SizeTarget) -> list[Candidate]:
+    """The shapes a bytes or instances target admits. The options then say it as the parameter fraction of the
+    largest (what the memory plan and the checkpoints' key read), or as no pruning when quantizing is enough."""
+    opts = plan.opts
+
+    def search(fits: Callable[[Shape], bool]) -> list[Candidate]:
+        return plan_shapes(plan.src.shapes(), plan.before, keep_heads=opts.keep_heads, keep_kv_heads=opts.keep_kv_heads,
+                           keep_ffn=opts.keep_ffn, drop_layers=opts.drop_layers, fits=fits, **plan.shape_kw())
+
+    plan.fit = fit_target(target, plan.sizer(), search)
+    resolved = {"target_weight_bytes": None, "target_instances": None}
+    if not plan.fit.candidates:
+        plan.opts = opts.model_copy(update=resolved)
+        return [Candidate(plan.before, plan.total, 1.0)]
+    plan.opts = opts.model_copy(update={**resolved, "target_params": plan.fit.candidates[0].fraction})
+    return plan.fit.candidates
 
 
 def _check_calibration_needed(plan: PackagePlan) -> None:

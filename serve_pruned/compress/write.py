@@ -144,6 +144,8 @@ def manifest_body(plan: PackagePlan, loaded: Loaded, pruned: Pruned, quality: Qu
         "kv_cache_bytes_per_token_before": before.kv_cache_bytes_per_token(dtype_bytes),
         "pruning": ({**plan.chosen_scorer.as_manifest(), **kept.summary(),
                      "shape_search": pruned.steps[-1]["shape_search"]} if kept is not None else None),
+        **({"target": plan.fit.as_manifest(weight_bytes=weight_bytes, shape=chosen.shape, sizer=plan.sizer())}
+           if plan.fit else {}),
         "recovery": pruned.recovery,
         "options": opts.public(),
         "quality": quality.manifest_section(eval_sources=plan.eval, ood_sources=plan.ood),

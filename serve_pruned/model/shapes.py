@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from serve_pruned.errors import GQAGroupingError, InvalidTargetError, ModelLoadError
@@ -232,16 +232,18 @@ def plan_shapes(
     multiple_of: int = 64,
     prune_heads: bool = True,
     heads_divide: int | None = None,
+    fits: Callable[[Shape], bool] | None = None,
 ) -> list[Candidate]:
-    """Turn counts and/or a parameter target into the uniform shapes worth trying.
+    """Turn counts and/or a target into the uniform shapes worth trying.
 
     Counts that are given are fixed; with ``target`` the remaining dimensions are searched: for every
     allowed (KV groups, query heads per group), the widest FFN (a multiple of ``multiple_of``) that
-    keeps the total at or below ``target`` of the original parameters. Without a target, exactly one
-    candidate (the counts given, the rest unchanged) is returned.
+    keeps the total at or below ``target`` of the original parameters. ``fits`` (a target in bytes or
+    instances, which the caller predicts for a shape) is searched the same way, the widest FFN it admits.
+    With neither, exactly one candidate (the counts given, the rest unchanged) is returned.
 
     Returns:
-        Candidates, the largest parameter count first.
+        Candidates, the largest parameter count first (with ``fits``: empty when it admits none).
 
     Raises:
         InvalidTargetError: target outside (0, 1), already met, or below the smallest allowed shape.
@@ -261,15 +263,21 @@ def plan_shapes(
     )
     total = count_params(tensors, before)
     layers = before.num_layers - drop_layers
-    if target is None:
+    if target is not None:
+        _check_target(target)
+        admits = _within(tensors, before, math.floor(target * total))
+    elif fits is not None:
+        admits = fits
+    else:
         return [_exact(tensors, before, total, layers=layers, keep_heads=keep_heads, keep_kv_heads=keep_kv_heads,
                        keep_ffn=keep_ffn)]
-    _check_target(target)
     if keep_heads is not None and keep_kv_heads is None:
         keep_kv_heads = before.num_kv_heads
-    candidates, smallest = _widest_under(tensors, before, total, math.floor(target * total), layers=layers,
-                                         keep_heads=keep_heads, keep_kv_heads=keep_kv_heads, keep_ffn=keep_ffn,
-                                         multiple_of=multiple_of, prune_heads=prune_heads, heads_divide=heads_divide)
+    candidates, smallest = _widest_fitting(tensors, before, total, admits, layers=layers, keep_heads=keep_heads,
+                                           keep_kv_heads=keep_kv_heads, keep_ffn=keep_ffn, multiple_of=multiple_of,
+                                           prune_heads=prune_heads, heads_divide=heads_divide)
+    if not candidates and target is None:
+        return []
     if not candidates:
         raise InvalidTargetError(
             f"--target-params {target} is below the smallest allowed shape "
@@ -312,11 +320,15 @@ def _check_target(target: float) -> None:
         )
 
 
-def _widest_under(tensors: Mapping[str, tuple[int, ...]], before: Shape, total: int, budget: int, *, layers: int,
-                  keep_heads: int | None, keep_kv_heads: int | None, keep_ffn: int | None, multiple_of: int,
-                  prune_heads: bool, heads_divide: int | None) -> tuple[list[Candidate], int]:
-    """For every allowed (KV groups, query heads per group), the widest FFN within ``budget`` parameters;
-    also the smallest count seen (for the error when nothing fits)."""
+def _within(tensors: Mapping[str, tuple[int, ...]], before: Shape, budget: int) -> Callable[[Shape], bool]:
+    return lambda shape: count_params(tensors, before, shape) <= budget
+
+
+def _widest_fitting(tensors: Mapping[str, tuple[int, ...]], before: Shape, total: int, fits: Callable[[Shape], bool],
+                    *, layers: int, keep_heads: int | None, keep_kv_heads: int | None, keep_ffn: int | None,
+                    multiple_of: int, prune_heads: bool, heads_divide: int | None) -> tuple[list[Candidate], int]:
+    """For every allowed (KV groups, query heads per group), the widest FFN that ``fits``; also the smallest
+    parameter count seen (for the error when nothing fits)."""
     if prune_heads:
         kv_options = [keep_kv_heads] if keep_kv_heads else list(range(1, before.num_kv_heads + 1))
     else:
@@ -338,11 +350,23 @@ def _widest_under(tensors: Mapping[str, tuple[int, ...]], before: Shape, total: 
             else:
                 top = before.intermediate_size - before.intermediate_size % multiple_of
                 ffn_options = list(range(top, 0, -multiple_of)) or [before.intermediate_size]
-            for ffn in ffn_options:  # widest first: stop at the first that fits
-                shape = Shape(layers, kv * q, kv, before.head_dim, ffn)
-                params = count_params(tensors, before, shape)
-                smallest = min(smallest, params)
-                if params <= budget:
-                    candidates.append(Candidate(shape, params, params / total))
-                    break
+            shapes = [Shape(layers, kv * q, kv, before.head_dim, ffn) for ffn in ffn_options]  # widest first
+            first = _first_fitting(shapes, fits)
+            smallest = min(smallest, count_params(tensors, before, shapes[-1]))
+            if first is not None:
+                params = count_params(tensors, before, first)
+                candidates.append(Candidate(first, params, params / total))
     return candidates, smallest
+
+
+def _first_fitting(shapes: list[Shape], fits: Callable[[Shape], bool]) -> Shape | None:
+    """The first of ``shapes`` (widest first) that ``fits``, by bisection: a narrower FFN only ever fits more
+    easily (fewer parameters and bytes, more instances), and an 8B model has 448 widths to try per head count."""
+    lo, hi = 0, len(shapes)  # shapes[:lo] do not fit, shapes[hi:] do
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(shapes[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return shapes[lo] if lo < len(shapes) else None

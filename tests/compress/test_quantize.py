@@ -49,13 +49,17 @@ def test_group_size_fails_before_any_weight_is_loaded(tiny_models, text_files, t
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a16", "fp8"])
 def test_quantized_package_is_compressed_tensors(scheme, tiny_models, text_files, tmp_path):
     from serve_pruned.compress.package import package
+    from serve_pruned.compress.plan import plan_package
+    from serve_pruned.model.shapes import Shape
     from serve_pruned.options import PackageOptions
 
     opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / scheme, keep_ffn=128, multiple_of=32,
                           quant=scheme, calib=(str(text_files["calib"]),), num_samples=8, seq_len=64,
                           eval_text=(str(text_files["eval"]),), eval_max_tokens=512, recover=False)
+    sizer = plan_package(opts).sizer()  # what a bytes or instances target predicts for this output
     m = package(opts, progress=False).manifest.to_dict()
     cfg = json.loads((tmp_path / scheme / "config.json").read_text())
+    assert sizer.weight_bytes(Shape.from_config(cfg)) == pytest.approx(m["weight_bytes"], rel=0.01)
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
     assert cfg["intermediate_size"] == 128 and cfg["head_dim"] == 32
     assert (tmp_path / scheme / "recipe.yaml").is_file()
@@ -124,3 +128,29 @@ def test_weights_left_on_disk_quantize_as_in_memory_and_the_source_is_untouched(
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_models["llama"].iterdir()} == source
     assert not [p for p in (tmp_path / "disk").iterdir() if p.name.startswith(".")]  # no scratch left behind
     assert copies == []  # quantization only reads the source as stored: no copy of it was written
+
+
+def test_a_weight_bytes_target_packages_the_widest_shape_under_it(tiny_models, text_files, tmp_path):
+    """--target-weight-bytes with W8A8: the written weights are under the target, as predicted, and the shape is
+    the least pruning the search found under it (one FFN step wider would not be)."""
+    import dataclasses
+
+    from serve_pruned.compress.package import package
+    from serve_pruned.compress.plan import plan_package
+    from serve_pruned.options import PackageOptions
+
+    opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "b", target_weight_bytes="1MB",
+                          quant="w8a8", calib=(str(text_files["calib"]),), num_samples=4, seq_len=32, recover=False)
+    plan = plan_package(opts)
+    sizer = plan.sizer()
+    m = package(opts, progress=False).manifest
+    target = m.target
+    assert target is not None and target["weight_bytes"] == 1_000_000
+    assert m.weight_bytes <= 1_000_000 < m.weight_bytes_before
+    assert target["weight_bytes_written"] == m.weight_bytes
+    assert target["predicted_weight_bytes"] == pytest.approx(m.weight_bytes, rel=0.01)
+    chosen = plan.before.__class__(**m.shape_after)
+    if chosen.intermediate_size < plan.before.intermediate_size:
+        wider = dataclasses.replace(chosen, intermediate_size=chosen.intermediate_size + opts.ffn_multiple)
+        assert sizer.weight_bytes(wider) > 1_000_000
+    assert m.options["target_weight_bytes"] is None and 0 < m.options["target_params"] < 1  # as the search used it
