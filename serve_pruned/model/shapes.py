@@ -90,6 +90,24 @@ class Shape:
         return self.num_layers * self.num_kv_heads * self.head_dim * 2 * dtype_bytes
 
 
+def llama_tensor_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a Llama-family checkpoint of ``config`` stores (no biases): what its safetensors headers
+    would say, for plans about a model whose weights are not here (a config alone describes its sizes)."""
+    shape = Shape.from_config(config)
+    h, v = config_int(config, "hidden_size"), config_int(config, "vocab_size")
+    q, kv, f = shape.size("q"), shape.size("kv"), shape.intermediate_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not config.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = (v, h)
+    per_layer = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+                 "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+    for i in range(shape.num_layers):
+        out.update({f"model.layers.{i}.{rest}": dims for rest, dims in per_layer.items()})
+    return out
+
+
 def split_layer_name(name: str) -> tuple[int, str] | None:
     """``model.layers.3.mlp.up_proj.weight`` -> ``(3, "mlp.up_proj.weight")``; None outside layers."""
     m = LAYER_RE.match(name)

@@ -10,29 +10,14 @@ from serve_pruned.compress.plan import quantized_widths
 from serve_pruned.compress.quantize import plan_quantization
 from serve_pruned.compress.size_target import Sizer, fit_target
 from serve_pruned.errors import InvalidTargetError, OptionError, UsageError
-from serve_pruned.model.shapes import Shape, count_params, plan_shapes
+from serve_pruned.model.shapes import Shape, count_params, llama_tensor_shapes, plan_shapes
 from serve_pruned.options import SizeTarget, build_options
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=128, vocab_size=128256, num_hidden_layers=32)
+                head_dim=128, vocab_size=128256, num_hidden_layers=32, tie_word_embeddings=False)
 
 
-def llama_8b_tensors() -> dict[str, tuple[int, ...]]:
-    """Llama-3.1-8B's safetensors header, as shapes: 8.03 B parameters, untied."""
-    h, v, f, q, kv = 4096, 128256, 14336, 32 * 128, 8 * 128
-    t: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h),
-                                     "model.norm.weight": (h,)}
-    for i in range(32):
-        p = f"model.layers.{i}."
-        t.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                  p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                  p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                  p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
-                  p + "post_attention_layernorm.weight": (h,)})
-    return t
-
-
-TENSORS = llama_8b_tensors()
+TENSORS = llama_tensor_shapes(LLAMA_8B)
 BEFORE = Shape.from_config(LLAMA_8B)
 
 
