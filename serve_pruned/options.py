@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serve_pruned.errors import OptionError, yaml_problem
-from serve_pruned.serving.memory import DEFAULT_CONCURRENCY, DEFAULT_MAX_MODEL_LEN
+from serve_pruned.serving.memory import DEFAULT_CONCURRENCY, DEFAULT_MAX_MODEL_LEN, KV_CACHE_DTYPE_HELP
 
 # Marks an option that does not change what pruning and recovery produce (output, evaluation, quantization,
 # the card): left out of the recovery checkpoints' key. Unmarked options are in it, so a new one is never
@@ -63,12 +63,14 @@ class SizeTarget:
     gpu: str | None = None
     max_model_len: int = 0
     concurrency: int = 0
+    kv_cache_dtype: str = "auto"
 
     def describe(self) -> str:
         if self.weight_bytes is not None:
             return f"at most {self.weight_bytes / 2**30:.3f} GiB of weights"
+        kv = f", {self.kv_cache_dtype} KV cache" if self.kv_cache_dtype != "auto" else ""
         return (f"{self.instances} instance(s) per {self.gpu} at {self.max_model_len} tokens x {self.concurrency} "
-                "sequences")
+                f"sequences{kv}")
 
 
 class PackageOptions(BaseModel):
@@ -120,6 +122,8 @@ class PackageOptions(BaseModel):
     max_model_len: int = Field(DEFAULT_MAX_MODEL_LEN, ge=16,
                                description="Context length each instance serves (--target-instances).")
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="Sequences per instance (--target-instances).")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description=KV_CACHE_DTYPE_HELP + " Sizes "
+                                                   "--target-instances.")
     keep_heads: int | None = Field(None, description="Query heads per layer to keep.")
     keep_kv_heads: int | None = Field(None, description="KV heads (groups) per layer to keep.")
     keep_ffn: int | None = Field(None, description="FFN channels per layer to keep.")
@@ -193,7 +197,7 @@ class PackageOptions(BaseModel):
             return None
         return SizeTarget(weight_bytes=parse_size(self.target_weight_bytes) if self.target_weight_bytes else None,
                           instances=self.target_instances, gpu=self.gpu, max_model_len=self.max_model_len,
-                          concurrency=self.concurrency)
+                          concurrency=self.concurrency, kv_cache_dtype=self.kv_cache_dtype)
 
     @property
     def prunes(self) -> bool:

@@ -22,7 +22,12 @@ import click
 from pydantic import BaseModel
 
 from serve_pruned.errors import ServePrunedError
-from serve_pruned.serving.memory import DEFAULT_CONCURRENCY, DEFAULT_MAX_MODEL_LEN
+from serve_pruned.serving.memory import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_MODEL_LEN,
+    KV_CACHE_DTYPE_HELP,
+    KV_CACHE_DTYPES,
+)
 
 DEBUG_ENV = "SERVE_PRUNED_DEBUG"
 
@@ -121,6 +126,11 @@ PORT = click.IntRange(1, 65535)
 def max_model_len_option(help: str = "Context length each instance serves (vLLM --max-model-len).") -> Any:
     return click.option("--max-model-len", type=click.IntRange(min=16), default=DEFAULT_MAX_MODEL_LEN,
                         show_default=True, help=help)
+
+
+def kv_cache_dtype_option() -> Any:
+    return click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default="auto",
+                        show_default=True, help=KV_CACHE_DTYPE_HELP)
 
 
 def concurrency_option(help: str = "Sequences per instance (vLLM --max-num-seqs).") -> Any:

@@ -22,6 +22,7 @@ from serve_pruned.cli.common import (
     field_option,
     format_option,
     info,
+    kv_cache_dtype_option,
     max_model_len_option,
     overwrite_option,
     token_option,
@@ -122,6 +123,7 @@ def _package_text(out: Path, m: Manifest) -> str:
 @package_option("gpu")
 @package_option("max_model_len")
 @package_option("concurrency")
+@package_option("kv_cache_dtype")
 @package_option("keep_heads")
 @package_option("keep_kv_heads")
 @package_option("keep_ffn")
@@ -305,15 +307,17 @@ def _plan_text(plans: list[dict[str, Any]]) -> str:
               "L4, MIG profiles such as H100-80GB-MIG-3g.40gb) or 'cpu'.")
 @max_model_len_option()
 @concurrency_option()
+@kv_cache_dtype_option()
 @click.option("--instances", type=COUNT, help="Check that this many instances fit (default: as many as fit).")
 @format_option
-def plan_cmd(models: tuple[str, ...], device: str, max_model_len: int, concurrency: int, instances: int | None,
-             fmt: str) -> None:
+def plan_cmd(models: tuple[str, ...], device: str, max_model_len: int, concurrency: int, kv_cache_dtype: str,
+             instances: int | None, fmt: str) -> None:
     """How many instances of each MODEL fit one GPU, with each instance's vLLM flags (sizes in bytes)."""
     from serve_pruned.serving.memory import ModelFootprint, plan
 
     plans = [plan(ModelFootprint.from_folder(m), device=device, max_model_len=max_model_len,
-                  concurrency=concurrency, instances=instances).to_dict() for m in models]
+                  concurrency=concurrency, instances=instances, kv_cache_dtype=kv_cache_dtype).to_dict()
+             for m in models]
     if fmt == "json":
         click.echo(json.dumps(plans if len(plans) > 1 else plans[0], indent=2))
     else:
@@ -352,6 +356,7 @@ def _exporter_summary(url: str) -> str:
 @click.option("--gpu", help="GPU type for sizing (--device cuda), e.g. H100-80GB.")
 @max_model_len_option()
 @concurrency_option()
+@kv_cache_dtype_option()
 @click.option("--serve-python", envvar="SERVE_PRUNED_SERVE_PYTHON",
               help="Python of the serving environment [default: .venv-serve/bin/python].")
 @click.option("--prompt", help="Send this prompt to every instance, print the completions, stop and exit.")
@@ -359,8 +364,8 @@ def _exporter_summary(url: str) -> str:
 @token_option
 @format_option
 def serve_cmd(model: str, instances: int, port: int, host: str, device: str, gpu: str | None, max_model_len: int,
-              concurrency: int, serve_python: str | None, prompt: str | None, metrics_port: int | None,
-              token: str | None, fmt: str) -> None:
+              concurrency: int, kv_cache_dtype: str, serve_python: str | None, prompt: str | None,
+              metrics_port: int | None, token: str | None, fmt: str) -> None:
     """Start INSTANCES co-located vLLM servers for MODEL (a packaged folder or REPO_ID@REVISION).
 
     Sized in bytes by the planner and started one after another; Ctrl-C / SIGTERM stops them all.
@@ -368,8 +373,8 @@ def serve_cmd(model: str, instances: int, port: int, host: str, device: str, gpu
     from serve_pruned.serving.launch import Fleet, ServeOptions, plan_for, resolve_model_dir
 
     opts = ServeOptions(model=model, instances=instances, port=port, host=host, device=device, gpu=gpu,
-                        max_model_len=max_model_len, concurrency=concurrency, serve_python=serve_python,
-                        metrics_port=metrics_port)
+                        max_model_len=max_model_len, concurrency=concurrency, kv_cache_dtype=kv_cache_dtype,
+                        serve_python=serve_python, metrics_port=metrics_port)
     model_dir = resolve_model_dir(model, token=token, log=info)
     the_plan = plan_for(opts, model_dir)
     info(f"starting {the_plan.instances} instance(s) of {model_dir}, "

@@ -83,7 +83,7 @@ class Sizer:
         """How many instances of ``shape`` fit ``target.gpu`` (0: not one)."""
         try:
             return plan(self.footprint(shape), device=str(target.gpu), max_model_len=target.max_model_len,
-                        concurrency=target.concurrency).max_instances
+                        concurrency=target.concurrency, kv_cache_dtype=target.kv_cache_dtype).max_instances
         except UsageError:
             return 0
 
@@ -143,7 +143,8 @@ class TargetFit:
         if t.instances is not None:
             fp = replace(sizer.footprint(shape), weight_bytes=weight_bytes)
             body["instances_fit"] = plan(fp, device=str(t.gpu), max_model_len=t.max_model_len,
-                                         concurrency=t.concurrency).max_instances
+                                         concurrency=t.concurrency, kv_cache_dtype=t.kv_cache_dtype).max_instances
+            body["kv_cache_dtype"] = t.kv_cache_dtype
         return body
 
 

@@ -18,6 +18,7 @@ VLLM_FLAGS: dict[str, str] = {
     "dtype": "--dtype",
     "max_model_len": "--max-model-len",
     "max_num_seqs": "--max-num-seqs",
+    "kv_cache_dtype": "--kv-cache-dtype",
     "kv_cache_memory_bytes": "--kv-cache-memory-bytes",
     "gpu_memory_utilization": "--gpu-memory-utilization",
     "enforce_eager": "--enforce-eager",

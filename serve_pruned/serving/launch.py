@@ -34,6 +34,7 @@ class ServeOptions:
     gpu: str | None = None
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     concurrency: int = DEFAULT_CONCURRENCY
+    kv_cache_dtype: str = "auto"
     serve_python: str | None = None
     startup_timeout: float = 600.0
     metrics_port: int | None = None
@@ -73,7 +74,7 @@ def plan_for(opts: ServeOptions, model_dir: Path) -> Plan:
     if not device:
         raise UsageError("--device cuda needs --gpu TYPE to size instances in bytes", hint="e.g. --gpu H100-80GB")
     return plan(ModelFootprint.from_folder(model_dir), device=device, max_model_len=opts.max_model_len,
-                concurrency=opts.concurrency, instances=opts.instances)
+                concurrency=opts.concurrency, instances=opts.instances, kv_cache_dtype=opts.kv_cache_dtype)
 
 
 class Fleet:

@@ -4,7 +4,8 @@ Per instance::
 
     weights      the safetensors bytes (manifest ``weight_bytes``)
   + kv_cache     kv_cache_bytes_per_token x max_model_len x concurrency   (every running sequence may
-                                                                           reach max_model_len)
+                                                                           reach max_model_len; halved by
+                                                                           vLLM's --kv-cache-dtype fp8)
   + activations  max_num_batched_tokens x (4 x hidden + 2 x intermediate) x activation bytes
                  + max_num_seqs x vocab x 4 (float32 logits of the sampled positions)
   + overhead     runtime constant of the backend (CUDA context, allocator slack, kernels' workspace;
@@ -36,6 +37,10 @@ MIB = 1 << 20
 # What an instance is sized for unless told otherwise: vLLM's --max-model-len and --max-num-seqs.
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_CONCURRENCY = 16
+# vLLM's --kv-cache-dtype: "auto" stores K and V in the model's activation dtype, "fp8" in one byte each.
+KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPE_HELP = ("KV cache dtype (vLLM --kv-cache-dtype): auto, the model's activation dtype, or fp8, one byte "
+                       "per element (half the KV bytes, so more instances at long contexts).")
 # --gpu-memory-utilization is emitted in steps of 0.0001 (8 MiB of an 80 GB GPU), rounded up so each
 # instance's share covers its bytes; coarser steps (0.01) cost instances: 31 SmolLM2 instances of 2.41 GiB
 # fit an H100 by bytes, but 31 shares of 0.04 exceed the GPU.
@@ -193,11 +198,19 @@ class Plan:
         return d
 
 
+def kv_bytes_per_token(fp: ModelFootprint, kv_cache_dtype: str = "auto") -> int:
+    """K and V of one token in every layer, stored as ``kv_cache_dtype`` says."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise UsageError(f"unknown KV cache dtype {kv_cache_dtype!r}",
+                         hint=f"choose one of {', '.join(KV_CACHE_DTYPES)}")
+    return fp.kv_bytes_per_token // fp.activation_bytes if kv_cache_dtype == "fp8" else fp.kv_bytes_per_token
+
+
 def instance_bytes(fp: ModelFootprint, *, max_model_len: int, concurrency: int, backend: Backend,
-                   max_num_batched_tokens: int | None = None) -> InstancePlan:
+                   max_num_batched_tokens: int | None = None, kv_cache_dtype: str = "auto") -> InstancePlan:
     """The four terms of the module docstring for one instance."""
     tokens = max_num_batched_tokens or max(max_model_len, 2048)
-    kv = fp.kv_bytes_per_token * max_model_len * concurrency
+    kv = kv_bytes_per_token(fp, kv_cache_dtype) * max_model_len * concurrency
     act = (tokens * (4 * fp.hidden_size + 2 * fp.intermediate_size) * fp.activation_bytes
            + concurrency * fp.vocab_size * 4)
     env = {}
@@ -213,8 +226,11 @@ def host_memory_bytes() -> int:
 
 
 def plan(fp: ModelFootprint, *, device: str, max_model_len: int, concurrency: int,
-         instances: int | None = None, memory_bytes: int | None = None) -> Plan:
+         instances: int | None = None, memory_bytes: int | None = None, kv_cache_dtype: str = "auto") -> Plan:
     """Instances of ``fp`` that fit ``device`` (a GPU type, or ``"cpu"``), with each instance's flags.
+
+    The original's instances (the density gain's denominator) are counted with the same KV cache dtype, so the
+    gain is what pruning and quantizing the weights bought.
 
     Raises:
         UsageError: unknown GPU, not even one instance fits, or more ``instances`` asked than fit.
@@ -233,7 +249,8 @@ def plan(fp: ModelFootprint, *, device: str, max_model_len: int, concurrency: in
     else:
         backend, total = BACKENDS["cuda"], gpu(device).memory_bytes
     usable = int(total * (1 - backend.safety_fraction))
-    inst = instance_bytes(fp, max_model_len=max_model_len, concurrency=concurrency, backend=backend)
+    inst = instance_bytes(fp, max_model_len=max_model_len, concurrency=concurrency, backend=backend,
+                          kv_cache_dtype=kv_cache_dtype)
     fits = usable // inst.total
     share = math.ceil(UTILIZATION_STEPS * inst.total / total)  # --gpu-memory-utilization, in steps
     if device != "cpu":  # the flags emitted for n instances must add up to at most the whole GPU
@@ -249,12 +266,15 @@ def plan(fp: ModelFootprint, *, device: str, max_model_len: int, concurrency: in
             f"{n} instances need {n * inst.total / GIB:.2f} GiB; {device} offers {usable / GIB:.2f} GiB "
             f"(at most {fits} fit)", hint="lower --instances, --max-model-len or --concurrency")
     inst.flags = {VLLM_FLAGS["max_model_len"]: str(max_model_len), VLLM_FLAGS["max_num_seqs"]: str(concurrency)}
+    if kv_cache_dtype != "auto":
+        inst.flags[VLLM_FLAGS["kv_cache_dtype"]] = kv_cache_dtype
     if device != "cpu":
         inst.flags[VLLM_FLAGS["kv_cache_memory_bytes"]] = str(inst.kv_cache)
         inst.flags[VLLM_FLAGS["gpu_memory_utilization"]] = repr(share / UTILIZATION_STEPS)  # as the spec prints it
     original_n = None
     if fp.original is not None:
-        orig = instance_bytes(fp.original, max_model_len=max_model_len, concurrency=concurrency, backend=backend)
+        orig = instance_bytes(fp.original, max_model_len=max_model_len, concurrency=concurrency, backend=backend,
+                              kv_cache_dtype=kv_cache_dtype)
         original_n = usable // orig.total
     return Plan(model=fp.name, device=device, device_bytes=total, usable_bytes=usable, instance=inst, instances=n,
                 max_instances=fits, original_instances=original_n, backend_source=backend.source)

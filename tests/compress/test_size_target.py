@@ -59,6 +59,9 @@ def test_instances_target_keeps_the_least_pruning_that_fits_n_and_n_plus_one_nee
     assert more.candidates[0].params < fit.candidates[0].params
     # at 8k tokens x 16 sequences the KV cache weighs as much as the weights: shapes trade KV groups for FFN
     assert len({c.shape.num_kv_heads for c in fit.candidates}) > 1
+    # an FP8 KV cache halves that term: the same N instances need less pruning
+    fp8 = fit_target(dataclasses.replace(instances(n + 1, gpu), kv_cache_dtype="fp8"), s, search)
+    assert not fp8.candidates or fp8.candidates[0].params > fit.candidates[0].params
 
 
 def test_weight_bytes_target_admits_the_widest_shapes_under_it():

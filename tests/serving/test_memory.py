@@ -64,6 +64,22 @@ def test_density_gain_counts_kv_heads_and_weights():
     assert p.density_gain > 1.5
 
 
+def test_an_fp8_kv_cache_halves_the_kv_bytes_and_is_passed_to_vllm():
+    auto = plan(footprint(), device="H100-80GB", max_model_len=8192, concurrency=16)
+    fp8 = plan(footprint(), device="H100-80GB", max_model_len=8192, concurrency=16, kv_cache_dtype="fp8")
+    assert fp8.instance.kv_cache * 2 == auto.instance.kv_cache
+    assert fp8.instance.flags["--kv-cache-dtype"] == "fp8" and "--kv-cache-dtype" not in auto.instance.flags
+    assert fp8.instance.flags["--kv-cache-memory-bytes"] == str(fp8.instance.kv_cache)
+    assert fp8.max_instances > auto.max_instances  # at 8k x 16 SmolLM2's KV cache is most of an instance
+    # the original is counted with the same KV cache: the gain is what the weights' pruning bought
+    pruned = footprint(weights=100_000_000, kv=23_040 // 3, original=footprint())
+    gain = plan(pruned, device="L4", max_model_len=8192, concurrency=16, kv_cache_dtype="fp8")
+    assert gain.original_instances == plan(footprint(), device="L4", max_model_len=8192, concurrency=16,
+                                           kv_cache_dtype="fp8").max_instances
+    with pytest.raises(UsageError, match="unknown KV cache dtype 'int4'"):
+        plan(footprint(), device="L4", max_model_len=2048, concurrency=4, kv_cache_dtype="int4")
+
+
 def test_cpu_kv_is_whole_gib_through_the_env_var():
     p = plan(footprint(), device="cpu", max_model_len=2048, concurrency=16, memory_bytes=24 * GIB)
     need = 23_040 * 2048 * 16
