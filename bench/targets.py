@@ -62,10 +62,25 @@ def plan_rows(gpu: str, quant: str, *, more: int = 4) -> list[str]:
     return rows
 
 
-def smollm2_run(n: int, distill_steps: str) -> tuple[list[str], float]:
+def kv_rows(name: str, tensors: dict, config: dict, gpu: str = "H100-80GB") -> list[str]:
+    """Instances per GPU with a bf16 and an FP8 KV cache, unpruned, unquantized and W8A8."""
+    before = Shape.from_config(config)
+    rows = []
+    for quant in ("none", "w8a8"):
+        sizer = Sizer(tensors, before, config, 2, lambda s, q=quant: plan_quantization(
+            q, quantized_widths(s, int(config["hidden_size"]))))
+        n = {kv: sizer.instances(before, SizeTarget(instances=1, gpu=gpu, max_model_len=LEN, concurrency=SEQS,
+                                                    kv_cache_dtype=kv)) for kv in ("auto", "fp8")}
+        gain = f"{n['fp8'] / n['auto']:.2f}x" if n["auto"] else "from none"
+        rows.append(f"| {name} | {quant} | {sizer.weight_bytes(before) / 2**30:.2f} GiB | "
+                    f"{before.kv_cache_bytes_per_token(2) * LEN * SEQS / 2**30:.2f} GiB | {n['auto']} | {n['fp8']} | "
+                    f"{gain} |")
+    return rows
+
+
+def smollm2_run(src: Path, n: int, distill_steps: str) -> tuple[list[str], float]:
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "smol", Path(tmp) / "out"
-        subprocess.run([EXE, "example-model", str(src)], check=True, capture_output=True)
+        out = Path(tmp) / "out"
         cmd = [EXE, "package", str(src), "--out", str(out), "--target-instances", str(n), "--gpu", "L4",
                "--max-model-len", str(LEN), "--concurrency", str(SEQS), "--quant", "w8a8",
                "--calib", str(DOCS / "howto"), "--calib", str(DOCS / "faq"), "--distill-steps", distill_steps,
@@ -111,7 +126,20 @@ def main() -> None:
     for gpu in ("L4", "H100-80GB"):
         for quant in ("w8a8", "w4a16"):
             lines += plan_rows(gpu, quant)
-    run, _ = smollm2_run(args.smollm2_instances, args.distill_steps)
+    lines += ["", f"The KV cache's dtype, unpruned, on an H100-80GB at {LEN} tokens x {SEQS} sequences: instances "
+              "per GPU with vLLM's bf16 KV cache and with `--kv-cache-dtype fp8` (the planner's figures).", "",
+              "| model | weights | weight bytes | KV cache (bf16) | instances, bf16 KV | instances, FP8 KV | gain |",
+              "|---|---|---|---|---|---|---|"]
+    config_8b = {**SHAPES["llama-8b"], "tie_word_embeddings": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "smol"
+        subprocess.run([EXE, "example-model", str(src)], check=True, capture_output=True)
+        from serve_pruned.model.source import inspect_folder
+
+        smol = inspect_folder(src)
+        lines += kv_rows("SmolLM2-135M", smol.shapes(), dict(smol.config))
+        lines += kv_rows("Llama-3.1-8B shape", llama_tensor_shapes(config_8b), config_8b)
+        run, _ = smollm2_run(src, args.smollm2_instances, args.distill_steps)
     publish("targets", [*lines, "", *run])
 
 
