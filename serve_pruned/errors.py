@@ -196,6 +196,17 @@ class ChecksumMismatchError(ServePrunedError, ValueError):
         self.repo_id = repo_id
 
 
+class QualityGuardError(ServePrunedError, ValueError):
+    """No candidate compression kept within --max-ppl-ratio (and --min-fact-agreement); nothing was written."""
+
+    def __init__(self, guard: str, frontier: list[str]) -> None:
+        super().__init__(f"no candidate kept {guard}; measured: " + "; ".join(frontier) + "; nothing was written",
+                         hint="loosen --max-ppl-ratio, add weaker --guard-fractions (e.g. 0.9), recover more "
+                              "(--distill-steps), or quantize less (--quant w8a8 / none)")
+        self.guard = guard
+        self.frontier = frontier
+
+
 class OptionError(UsageError):
     """An option (CLI flag or recipe key) that is unknown, out of range, or impossible with another one."""
 

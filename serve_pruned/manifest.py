@@ -96,6 +96,7 @@ class Manifest(BaseModel):
     kv_cache_bytes_per_token_before: int
     pruning: dict[str, Any] | None = None
     target: dict[str, Any] | None = None  # a target in bytes or instances: asked, predicted, written
+    guard: dict[str, Any] | None = None  # --max-ppl-ratio: the candidates, what each tried one measured, the choice
     recovery: dict[str, Any] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
     quality: dict[str, Any] = Field(default_factory=dict)

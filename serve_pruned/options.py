@@ -134,6 +134,16 @@ class PackageOptions(BaseModel):
     max_candidates: int = Field(12, ge=1, description="Shapes tried by the search.")
     search_samples: int = Field(4, ge=1)
 
+    max_ppl_ratio: float | None = Field(
+        None, gt=1.0, description="Quality guard: package the strongest of the candidates (each --guard-fractions "
+        "cut with --quant, and --quant alone) whose final model's held-out perplexity (--eval-text) stays within "
+        "this ratio of the original's; refuse, writing nothing, when none does.")
+    min_fact_agreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="With --max-ppl-ratio: also keep at least this share of the fact prompts' "
+        "greedy continuations (--eval-prompt, default built-in facts).")
+    guard_fractions: tuple[float, ...] = Field(
+        (0.5, 0.6, 0.7, 0.8, 0.9), description="Kept-parameter fractions the quality guard chooses from.")
+
     # recovery: closed-form refit, then logit distillation from the original, after every pruning step
     refit: bool = Field(True, description="Refit each pruned block's output projection (o_proj, down_proj) by least "
                         "squares so it reproduces the original block's output (closed form, no gradient steps).")
@@ -236,6 +246,18 @@ class PackageOptions(BaseModel):
             raise ValueError(f"target: one target at a time, got {' and '.join(asked)}")
         if self.target_instances is not None and not self.gpu:
             raise ValueError("gpu: --target-instances needs the GPU type the instances share")
+        if self.max_ppl_ratio is not None:
+            if asked or self.drop_layers or any(v is not None for v in (self.keep_heads, self.keep_kv_heads,
+                                                                        self.keep_ffn)):
+                raise ValueError("max_ppl_ratio: the quality guard chooses the cut itself; drop the target and counts")
+            if not self.eval_text:
+                raise ValueError("max_ppl_ratio: the guard measures perplexity on held-out text; none was given")
+            if not self.calib:
+                raise ValueError("calib: the quality guard's candidates are pruned, which needs calibration text")
+            if not self.guard_fractions or any(not 0.0 < f < 1.0 for f in self.guard_fractions):
+                raise ValueError("guard_fractions: each must be a fraction in (0, 1)")
+        elif self.min_fact_agreement is not None:
+            raise ValueError("min_fact_agreement: a floor of the quality guard; it needs --max-ppl-ratio")
         if self.size_target is not None and self.schedule == "iterative":
             raise ValueError("schedule: a target in bytes or instances is reached in one step")
         if self.distills and not self.calib:
@@ -269,6 +291,9 @@ _RULE_HINTS = {
     "target": "pass one of --target-params, --target-weight-bytes and --target-instances",
     "gpu": "pass --gpu H100-80GB (see `serve-pruned plan --help` for the types), or cpu",
     "schedule": "leave --schedule at one-shot, or give --target-params instead",
+    "max_ppl_ratio": "pass --eval-text FILE (held-out text), and no --target-params or counts",
+    "guard_fractions": "e.g. --guard-fractions 0.6 --guard-fractions 0.8",
+    "min_fact_agreement": "add --max-ppl-ratio 1.15",
     "calib": "add calib: [FILE, ...] (mix sources), or set recover: false / --no-recover",
 }
 # What to do about a value out of range, where "pass a value in range" is not enough.
@@ -353,7 +378,7 @@ def validated(cls: type[M], values: dict[str, Any], *, origins: dict[str, str] |
         raise OptionError(msg, field=loc, source=origins.get(loc.split(".")[0]), hint=what_to_do) from exc
 
 
-_AS_TUPLE = ("calib", "eval_text", "eval_ood_text", "eval_prompts")
+_AS_TUPLE = ("calib", "eval_text", "eval_ood_text", "eval_prompts", "guard_fractions")
 
 
 def package_values(recipe: dict[str, Any], recipe_path: str | None, flags: dict[str, Any],
@@ -373,6 +398,8 @@ def package_values(recipe: dict[str, Any], recipe_path: str | None, flags: dict[
             values[name] = tuple(values[name])
     if values.get("eval_prompts") == ():
         values.pop("eval_prompts")  # no --eval-prompt given: the built-in fact prompts
+    if values.get("guard_fractions") == ():
+        values.pop("guard_fractions")  # none given: the default ladder
     for required in ("model", "out"):
         if values.get(required) in (None, ""):
             raise OptionError("missing", field=required, source=recipe_path,

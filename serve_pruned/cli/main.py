@@ -75,6 +75,10 @@ def _package_text(out: Path, m: Manifest) -> str:
         lines.append(f"  target         {t['asked']}: weights {t['weight_bytes_written']:,} (predicted "
                      f"{t['predicted_weight_bytes']:,})" + (f", {t['instances_fit']} instances fit"
                                                             if t.get("instances_fit") is not None else ""))
+    if m.guard:
+        g = m.guard
+        lines.append(f"  guard          {g['guard']}: {g['measured_ppl_ratio']:.3f}x, {len(g['tried'])} of "
+                     f"{len(g['candidates'])} candidates packaged and measured")
     if m.quantization is not None:
         group = f" (group {m.quantization.group_size})" if m.quantization.group_size else ""
         lines.append(f"  quantization   {m.quantization.scheme}{group}")
@@ -124,6 +128,9 @@ def _package_text(out: Path, m: Manifest) -> str:
 @package_option("max_model_len")
 @package_option("concurrency")
 @package_option("kv_cache_dtype")
+@package_option("max_ppl_ratio")
+@package_option("min_fact_agreement")
+@package_option("guard_fractions", "--guard-fractions", "guard_fractions", metavar="FRACTION")
 @package_option("keep_heads")
 @package_option("keep_kv_heads")
 @package_option("keep_ffn")

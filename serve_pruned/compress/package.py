@@ -7,6 +7,7 @@ measured against the original), ``write`` (quantize, save, model card, manifest)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from serve_pruned.compress.data import calibration_samples, eval_tokens, fingerprint_sources
 from serve_pruned.compress.device import resolve_device
 from serve_pruned.compress.generation import GenerationJob, generated_texts
+from serve_pruned.compress.guard import package_within_guard
 from serve_pruned.compress.model_io import load_model, load_tokenizer, quiet_transformers
 from serve_pruned.compress.plan import PackagePlan, plan_package
 from serve_pruned.compress.provenance import source_fingerprint
@@ -41,8 +43,22 @@ def package(opts: PackageOptions, *, log: Log = lambda _m: None, progress: bool 
             repo_id: str | None = None) -> PackageResult:
     """Prune, recover and quantize as ``opts`` says; returns the output folder and its manifest.
 
-    ``repo_id`` (where the output will be pushed) only goes into the model card's snippets.
+    With ``--max-ppl-ratio`` the quality guard runs this once per candidate it tries and keeps the strongest
+    within it (serve_pruned/compress/guard.py). ``repo_id`` (where the output will be pushed) only goes into the
+    model card's snippets.
     """
+    if opts.max_ppl_ratio is not None:
+        t = time.perf_counter()
+        manifest = package_within_guard(
+            opts, lambda one: _package_one(one, log=log, progress=progress, repo_id=repo_id).out, log=log,
+            repo_id=repo_id)
+        return PackageResult(out=Path(opts.out).expanduser().resolve(), manifest=manifest,
+                             timings={"total_s": time.perf_counter() - t})
+    return _package_one(opts, log=log, progress=progress, repo_id=repo_id)
+
+
+def _package_one(opts: PackageOptions, *, log: Log, progress: bool, repo_id: str | None) -> PackageResult:
+    """One pass of the pipeline: plan, load, prune and recover, quantize and write."""
     timer = Timer()
     with timer("checks"):
         plan = plan_package(opts)

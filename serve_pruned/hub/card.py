@@ -106,6 +106,11 @@ def render_card(body: dict[str, Any], *, name: str, repo_id: str | None = None) 
     if quant:
         lines.append(f"- Quantization: {quant['scheme']} with llmcompressor, saved as compressed-tensors "
                      "(the llmcompressor recipe is `recipe.yaml`).")
+    guard = body.get("guard")
+    if guard:
+        lines.append(f"- Quality guard: {guard['guard']}. Of {len(guard['candidates'])} candidates, "
+                     f"{len(guard['tried'])} were packaged and measured; this is {guard['why']} (measured "
+                     f"{guard['measured_ppl_ratio']:.3f}x).")
     lines += ["", "## Evaluation", ""]
     if q:
         lines.append(f"Held-out text: {', '.join(q.get('eval_text') or [])}"
