@@ -257,7 +257,10 @@ def _hold_while_quantizing(stages: list[StageMemory], weights: int, host_limit: 
     if host_limit is not None:
         held: int | None = min(weights, max(0, int(HEADROOM * host_limit) - others))
     elif not on_device:
-        streamed_peak = max((st.host_bytes for st in stages if st not in holding), default=others)
+        # the stages before quantization: their peak does not grow with the depth (the write stage's shard does,
+        # up to its cap, so it does not count)
+        streamed_peak = max((st.host_bytes for st in stages if st not in holding and st.stage != "write"),
+                            default=others)
         held = min(weights, max(0, streamed_peak - others))
     else:
         held = None

@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     import torch
 
 INDEX = "model.safetensors.index.json"
-# An output's shards: few enough files for the Hub, small enough that the one a writer holds stays a small part
-# of a memory budget (transformers' own default, 50 GB, would be the whole of most pruned models).
-OUTPUT_SHARD_BYTES = 2 * 2**30
+# An output's shards: what a writer holds at once (ours, and transformers' when it saves the quantized model), so
+# small enough to be a constant of the write stage rather than grow with the model up to its cap: at 2 GiB the
+# write stage of a 22-layer TinyLlama-width package still grew with each layer. 512 MiB is less than one decoder
+# layer of an 8B model in float32; a 70B model then has some 280 files, which the Hub and vLLM take as they come.
+OUTPUT_SHARD_BYTES = 512 * 2**20
 
 
 class ShardWriter:
