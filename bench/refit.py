@@ -46,7 +46,7 @@ def main() -> None:
     texts = {name: eval_tokens(tok, read_sources([str(path)]), max_tokens=args.eval_tokens)
              for name, path in (("tutorial (in domain)", DOCS / "tutorial"), ("GPL-3 (out of domain)", OOD))}
     before = Shape.from_config(cfg)
-    after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 832)
+    after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 832, before.hidden_size)
     sel = select(compute_scores(collect_stats(model, samples), before, "activation"), before, after)
     pruned, _ = prune_model(model, cfg, before, after, sel)
     rows = {"original": {k: evaluate(model, v).perplexity for k, v in texts.items()},

@@ -42,7 +42,7 @@ LEN, SEQS = 8192, 16
 def plan_rows(gpu: str, quant: str, *, more: int = 4) -> list[str]:
     config = {**SHAPES["llama-8b"], "tie_word_embeddings": False}
     tensors, before = llama_tensor_shapes(config), Shape.from_config(config)
-    sizer = Sizer(tensors, before, config, 2, lambda s: plan_quantization(quant, quantized_widths(s, 4096)))
+    sizer = Sizer(tensors, before, config, 2, lambda s: plan_quantization(quant, quantized_widths(s)))
     source_n = sizer.instances(before, SizeTarget(instances=1, gpu=gpu, max_model_len=LEN, concurrency=SEQS))
     multiple = 64 if quant == "w4a16" else 32
     rows = []
@@ -68,7 +68,7 @@ def kv_rows(name: str, tensors: dict, config: dict, gpu: str = "H100-80GB") -> l
     rows = []
     for quant in ("none", "w8a8"):
         sizer = Sizer(tensors, before, config, 2, lambda s, q=quant: plan_quantization(
-            q, quantized_widths(s, int(config["hidden_size"]))))
+            q, quantized_widths(s)))
         n = {kv: sizer.instances(before, SizeTarget(instances=1, gpu=gpu, max_model_len=LEN, concurrency=SEQS,
                                                     kv_cache_dtype=kv)) for kv in ("auto", "fp8")}
         gain = f"{n['fp8'] / n['auto']:.2f}x" if n["auto"] else "from none"

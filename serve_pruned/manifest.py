@@ -20,8 +20,9 @@ from serve_pruned.model.shapes import Shape
 MANIFEST_NAME = "serve_pruned.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-# What shape_before / shape_after must hold: a Shape's fields (the planner, push and the report read them).
-SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(Shape))
+# What shape_before / shape_after must hold: a Shape's fields (the planner, push and the report read them), but
+# hidden_size, which manifests written before the hidden size could be pruned leave out (config.json has it).
+SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(Shape) if f.name != "hidden_size")
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 22) -> str:

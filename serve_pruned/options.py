@@ -127,10 +127,13 @@ class PackageOptions(BaseModel):
     keep_heads: int | None = Field(None, description="Query heads per layer to keep.")
     keep_kv_heads: int | None = Field(None, description="KV heads (groups) per layer to keep.")
     keep_ffn: int | None = Field(None, description="FFN channels per layer to keep.")
+    keep_hidden: int | None = Field(None, description="Hidden-size channels (of the residual stream) to keep.")
+    prune_hidden: bool = Field(False, description="Let the shape search cut the hidden size too (Minitron's width "
+                               "axis: the embedding, every norm, the head and each projection's hidden side).")
     drop_layers: int = Field(0, ge=0, description="Whole layers to drop.")
     multiple_of: int | None = Field(
-        None, ge=1, description="FFN sizes are multiples of this.  [default: 64 with --quant w4a16, so its group "
-        "size divides them; else 32]")
+        None, ge=1, description="FFN and hidden sizes are multiples of this.  [default: 64 with --quant w4a16, so "
+        "its group size divides them; else 32]")
     max_candidates: int = Field(12, ge=1, description="Shapes tried by the search.")
     search_samples: int = Field(4, ge=1)
 
@@ -212,7 +215,7 @@ class PackageOptions(BaseModel):
     @property
     def prunes(self) -> bool:
         return (self.target_params is not None or self.size_target is not None or self.drop_layers > 0
-                or any(v is not None for v in (self.keep_heads, self.keep_kv_heads, self.keep_ffn)))
+                or any(v is not None for v in (self.keep_heads, self.keep_kv_heads, self.keep_ffn, self.keep_hidden)))
 
     @property
     def ffn_multiple(self) -> int:
@@ -248,7 +251,7 @@ class PackageOptions(BaseModel):
             raise ValueError("gpu: --target-instances needs the GPU type the instances share")
         if self.max_ppl_ratio is not None:
             if asked or self.drop_layers or any(v is not None for v in (self.keep_heads, self.keep_kv_heads,
-                                                                        self.keep_ffn)):
+                                                                        self.keep_ffn, self.keep_hidden)):
                 raise ValueError("max_ppl_ratio: the quality guard chooses the cut itself; drop the target and counts")
             if not self.eval_text:
                 raise ValueError("max_ppl_ratio: the guard measures perplexity on held-out text; none was given")

@@ -16,9 +16,9 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_support_table_matches_the_code():
-    rows = re.findall(r"^\| (\w+ForCausalLM) \| (yes|no) \|", README, re.M)
-    assert {arch: heads == "yes" for arch, heads in rows} == {
-        s.architecture: s.prune_heads for s in SUPPORTED.values()
+    rows = re.findall(r"^\| (\w+ForCausalLM) \| (yes|no) \| (yes|no) \|", README, re.M)
+    assert {arch: (heads == "yes", hidden == "yes") for arch, heads, hidden in rows} == {
+        s.architecture: (s.prune_heads, s.prune_hidden) for s in SUPPORTED.values()
     }
 
 

@@ -83,7 +83,8 @@ def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, *, dtype: str = 
 
 
 def prune_tiny(model_dir: Path, tokenizer_dir: Path, calib: Path, *, heads: int | None = None,
-               kv_heads: int | None = None, ffn: int, num_samples: int = 16, seq_len: int = 64):
+               kv_heads: int | None = None, ffn: int, hidden: int | None = None, num_samples: int = 16,
+               seq_len: int = 64):
     """Load a tiny model, score it on ``calib`` and prune it to the given counts.
 
     Returns (original model, pruned model, selection, calibration samples, tokenizer).
@@ -103,7 +104,8 @@ def prune_tiny(model_dir: Path, tokenizer_dir: Path, calib: Path, *, heads: int 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     samples = calibration_samples(tok, read_sources([str(calib)]), num_samples=num_samples, seq_len=seq_len, seed=0)
     before = Shape.from_config(cfg)
-    after = Shape(before.num_layers, heads or before.num_heads, kv_heads or before.num_kv_heads, before.head_dim, ffn)
+    after = Shape(before.num_layers, heads or before.num_heads, kv_heads or before.num_kv_heads, before.head_dim, ffn,
+                  hidden or before.hidden_size)
     sel = select(compute_scores(collect_stats(model, samples), before, "activation"), before, after)
     pruned, _ = prune_model(model, cfg, before, after, sel)
     return model, pruned, sel, samples, tok

@@ -66,6 +66,7 @@ def _package_text(out: Path, m: Manifest) -> str:
         f"  layers         {b['num_layers']} -> {a['num_layers']}",
         f"  heads / kv     {b['num_heads']}/{b['num_kv_heads']} -> {a['num_heads']}/{a['num_kv_heads']}",
         f"  ffn            {b['intermediate_size']} -> {a['intermediate_size']}",
+        *([f"  hidden         {b['hidden_size']} -> {a['hidden_size']}"] if "hidden_size" in a else []),
         f"  parameters     {m.params_before:,} -> {m.params_after:,} ({m.params_fraction:.3f})",
         f"  weight bytes   {m.weight_bytes_before:,} -> {m.weight_bytes:,}",
         f"  KV bytes/token {m.kv_cache_bytes_per_token_before:,} -> {m.kv_cache_bytes_per_token:,}",
@@ -134,6 +135,8 @@ def _package_text(out: Path, m: Manifest) -> str:
 @package_option("keep_heads")
 @package_option("keep_kv_heads")
 @package_option("keep_ffn")
+@package_option("keep_hidden")
+@package_option("prune_hidden", "--prune-hidden/--no-prune-hidden")
 @package_option("drop_layers")
 @package_option("multiple_of")
 @package_option("max_candidates")

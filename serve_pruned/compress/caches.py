@@ -43,15 +43,16 @@ def cached_stats(model: Any, samples: Any, key: str, *, batch_size: int, ffn_ord
 def stats_key(opts: PackageOptions, fingerprint: str, calib_fp: str, *, obs: bool) -> str:
     """Statistics depend on the weights, the text, how it is sampled and the precision (obs adds its FFN order).
 
-    v2: the statistics hold the weight norms too."""
+    v2: the statistics hold the weight norms too; v3: and the hidden channels' squares at every norm."""
     return hashlib.sha256(
         f"{fingerprint}|{calib_fp}|{opts.num_samples}|{opts.seq_len}|{opts.seed}|"
-        f"{opts.compute_dtype}|v2{'|obs' if obs else ''}".encode()).hexdigest()[:32]
+        f"{opts.compute_dtype}|v3{'|obs' if obs else ''}".encode()).hexdigest()[:32]
 
 
 def run_key(opts: PackageOptions, fingerprint: str, calib_fp: str) -> str:
     """Identifies the pruning + recovery a run does: every option but those marked as not affecting it
     (output, evaluation, quantization...), so a new option is part of the key unless it says otherwise."""
     body = opts.recovery_options()
-    # v2: a step's model is a sharded folder (step-K/model), no longer step-K/model.safetensors
-    return hashlib.sha256(f"{fingerprint}|{calib_fp}|{json.dumps(body, sort_keys=True)}|v2".encode()).hexdigest()[:24]
+    # v2: a step's model is a sharded folder (step-K/model), no longer step-K/model.safetensors; v3: a step's
+    # done.json holds the shape's hidden size
+    return hashlib.sha256(f"{fingerprint}|{calib_fp}|{json.dumps(body, sort_keys=True)}|v3".encode()).hexdigest()[:24]

@@ -2,8 +2,8 @@
 next-token distributions on calibration text.
 
 Loss: KL(teacher || student) on temperature-softened logits (Hinton et al.; Minitron uses logit KD
-alone), optionally plus a cosine loss between the two models' final hidden states (pruning never
-changes the hidden size, so they are comparable without a projection). AdamW, linear warm-up then
+alone), optionally plus a cosine loss between the two models' final hidden states (a pruned hidden size
+compares the student's channels with the same channels of the teacher's, with no projection). AdamW, linear warm-up then
 cosine decay. Batches are a pure function of (seed, step), so a run interrupted at step k and resumed
 from its checkpoint sees exactly the batches it would have seen.
 
@@ -209,12 +209,14 @@ def distill(
     device: str | None = None,
     progress: Any = None,
     time_budget_s: float | None = None,
+    hidden_channels: list[int] | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` in place to match ``teacher`` on ``samples`` (token ids, (n, seq_len)).
 
     Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same settings. With
     ``time_budget_s`` training stops early (after a checkpoint) once the budget is spent. Both models train on
     ``device`` (default: the accelerator when there is one) and come back to the host after.
+    ``hidden_channels``: the teacher's hidden channels the student kept (None: all), for the hidden-state term.
 
     Returns:
         A summary: steps done, tokens seen, first/last loss (mean of up to 10 steps), seconds,
@@ -225,6 +227,7 @@ def distill(
     own_weights(student, teacher)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     named = _to_training(student, teacher, settings, device)
+    channels = torch.tensor(hidden_channels, device=device) if hidden_channels is not None else None
     opt = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=(0.9, 0.95),
                             weight_decay=settings.weight_decay)
     start, losses_before = 0, []
@@ -240,7 +243,8 @@ def distill(
         progress.update(start)
     for step in range(start, settings.steps):
         idx = batch_indices(len(samples), step=step, batch_size=settings.batch_size, seed=settings.seed)
-        loss = _loss(student, teacher, samples[idx].to(device), settings, device=device, autocast=autocast)
+        loss = _loss(student, teacher, samples[idx].to(device), settings, device=device, autocast=autocast,
+                     channels=channels)
         for group in opt.param_groups:
             group["lr"] = settings.lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -312,7 +316,7 @@ def _to_inference(student: Any, teacher: Any) -> None:
 
 
 def _loss(student: Any, teacher: Any, x: torch.Tensor, settings: DistillSettings, *, device: str,
-          autocast: bool) -> torch.Tensor:
+          autocast: bool, channels: torch.Tensor | None = None) -> torch.Tensor:
     """KL of the student's next-token distribution from the teacher's, plus the optional hidden-state term."""
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
         with torch.no_grad():
@@ -320,7 +324,9 @@ def _loss(student: Any, teacher: Any, x: torch.Tensor, settings: DistillSettings
         s_out = student(input_ids=x, use_cache=False, output_hidden_states=settings.hidden_weight > 0)
     loss = kd_loss(s_out.logits, t_out.logits, settings.temperature)
     if settings.hidden_weight > 0:
-        cos = torch.nn.functional.cosine_similarity(
-            s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float(), dim=-1)
+        target = t_out.hidden_states[-1].float()
+        if channels is not None:
+            target = target.index_select(-1, channels)
+        cos = torch.nn.functional.cosine_similarity(s_out.hidden_states[-1].float(), target, dim=-1)
         loss = loss + settings.hidden_weight * (1.0 - cos).mean()
     return loss

@@ -6,7 +6,9 @@ model's and the data's hashes), so switching scorer or re-slicing to another tar
 * for each input channel of ``o_proj`` and ``down_proj``: sum and sum of squares over tokens;
 * for each query head: the sum over tokens of ``||W_o[:, h] z_h||^2``, the squared norm of what the
   head writes into the residual stream;
-* for each layer: the mean cosine similarity of its input and output hidden states.
+* for each layer: the mean cosine similarity of its input and output hidden states;
+* for each hidden channel, at each norm of the residual stream (two per layer, then the final one): the sum of
+  squares over tokens of the norm's input and, per layer, of its output.
 
 Scorers (higher means keep):
 
@@ -27,7 +29,9 @@ scores above it sees that two channels can carry the same signal, and it ranks f
 refit that recovery applies next. It needs each layer's Gram matrix (F x F float32, one layer at a time), so
 it is collected only when asked for (``collect_stats(..., ffn_order=True)``). Heads score as ``activation``.
 
-Layers are always scored by block influence, ``1 - cos(h_in, h_out)`` (ShortGPT).
+Layers are always scored by block influence, ``1 - cos(h_in, h_out)`` (ShortGPT), and hidden channels as
+Minitron scores its embedding channels: the RMS over tokens of each channel at the norms' outputs, summed over
+every norm of every layer.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 
 from serve_pruned.compress.layers import hooks, layer_output
 from serve_pruned.compress.stream import streamed
-from serve_pruned.model.shapes import Shape
+from serve_pruned.model.shapes import LAYER_NORMS, Shape
 
 SCORERS = ("activation", "fluctuation", "magnitude", "obs")
 
@@ -59,8 +63,31 @@ class LayerStats:
     ffn_sumsq: torch.Tensor  # [L, F]
     cos_sum: torch.Tensor  # [L]
     tokens: torch.Tensor  # [1]
+    norm_in_sumsq: torch.Tensor  # [2L + 1, hidden]: each norm's input (the residual stream), the final norm's last
+    norm_out_sumsq: torch.Tensor  # [L, 2, hidden]: each layer's norms' outputs
     norms: dict[str, torch.Tensor]  # squared L2 norm per output row / input column of each projection: NORMS
     ffn_order: torch.Tensor | None = None  # [L, F] greedy OBS elimination rank (higher = removed later)
+
+    @classmethod
+    def empty(cls, cfg: Any, n_layers: int, head_dim: int, *, tokens: int, ffn_order: bool) -> LayerStats:
+        """Zeros for a model of config ``cfg``, to be summed into over ``tokens`` calibration tokens."""
+        n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        ffn, hidden = cfg.intermediate_size, cfg.hidden_size
+        q_width = n_heads * head_dim
+
+        def zeros(*size: int) -> torch.Tensor:
+            return torch.zeros(*size, dtype=torch.float64)
+
+        widths = {"q_rows": q_width, "k_rows": n_kv * head_dim, "v_rows": n_kv * head_dim, "o_cols": q_width,
+                  "gate_rows": ffn, "up_rows": ffn, "down_cols": ffn}
+        return cls(
+            o_sum=zeros(n_layers, q_width), o_sumsq=zeros(n_layers, q_width), head_contrib_sq=zeros(n_layers, n_heads),
+            ffn_sum=zeros(n_layers, ffn), ffn_sumsq=zeros(n_layers, ffn), cos_sum=zeros(n_layers),
+            tokens=torch.full((1,), float(tokens), dtype=torch.float64),
+            norm_in_sumsq=zeros(2 * n_layers + 1, hidden), norm_out_sumsq=zeros(n_layers, 2, hidden),
+            norms={k: zeros(n_layers, w) for k, w in widths.items()},
+            ffn_order=zeros(n_layers, ffn) if ffn_order else None,
+        )
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         flat = {k: v.contiguous() for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
@@ -131,23 +158,10 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
     """
     model = streamed(model)
     cfg = model.config
-    n_layers, n_heads, n_kv = model.num_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    n_layers, n_heads = model.num_layers, cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     q_width, ffn = n_heads * head_dim, cfg.intermediate_size
-    f64 = torch.float64
-
-    def zeros(*size: int) -> torch.Tensor:
-        return torch.zeros(*size, dtype=f64)
-
-    widths = {"q_rows": q_width, "k_rows": n_kv * head_dim, "v_rows": n_kv * head_dim, "o_cols": q_width,
-              "gate_rows": ffn, "up_rows": ffn, "down_cols": ffn}
-    stats = LayerStats(
-        o_sum=zeros(n_layers, q_width), o_sumsq=zeros(n_layers, q_width), head_contrib_sq=zeros(n_layers, n_heads),
-        ffn_sum=zeros(n_layers, ffn), ffn_sumsq=zeros(n_layers, ffn), cos_sum=zeros(n_layers),
-        tokens=torch.full((1,), float(samples.numel()), dtype=f64),
-        norms={k: zeros(n_layers, w) for k, w in widths.items()},
-        ffn_order=zeros(n_layers, ffn) if ffn_order else None,
-    )
+    stats = LayerStats.empty(cfg, n_layers, head_dim, tokens=samples.numel(), ffn_order=ffn_order)
     acc: dict[str, torch.Tensor] = {}  # the current layer's sums, on the device; moved into ``stats`` per layer
 
     def add(name: str, value: torch.Tensor) -> None:
@@ -170,6 +184,14 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
         if ffn_order:
             acc["gram"] = acc["gram"] + a.T @ a if "gram" in acc else a.T @ a
 
+    def norm_hook(k: int):
+        def hook(_mod, args, output):
+            x = args[0].float().reshape(-1, args[0].shape[-1])
+            add(f"norm_in.{k}", (x * x).sum(0))
+            y = output.float().reshape(-1, output.shape[-1])
+            add(f"norm_out.{k}", (y * y).sum(0))
+        return hook
+
     def layer_hook(_mod, args, kwargs, output):
         h_in = args[0] if args else kwargs["hidden_states"]
         add("cos_sum", torch.nn.functional.cosine_similarity(h_in.float(), layer_output(output).float(), dim=-1).sum())
@@ -177,23 +199,40 @@ def collect_stats(model: Any, samples: torch.Tensor, *, batch_size: int = 4, pro
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     hidden, kwargs = model.embed(batches)
     for i, layer in model.layers():
-        for name, (path, axis) in NORMS.items():
-            stats.norms[name][i] = layer.get_submodule(path).weight.float().pow(2).sum(axis).double().cpu()
+        _weight_norms(stats, layer, i)
         w = layer.self_attn.o_proj.weight.float().view(-1, n_heads, head_dim)  # [hidden, H, hd]
         head_grams = torch.einsum("ehd,ehf->hdf", w, w)  # per-head W_h^T W_h
         with hooks(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(head_grams)),
                    layer.mlp.down_proj.register_forward_pre_hook(down_hook),
-                   layer.register_forward_hook(layer_hook, with_kwargs=True)):
+                   layer.register_forward_hook(layer_hook, with_kwargs=True),
+                   *(layer.get_submodule(n).register_forward_hook(norm_hook(k)) for k, n in enumerate(LAYER_NORMS))):
             hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
         gram = acc.pop("gram", None)
-        for name, value in acc.items():
-            getattr(stats, name)[i] += value.double().cpu()
-        acc.clear()
+        _store_layer(stats, acc, i)
         if stats.ffn_order is not None and gram is not None:
             stats.ffn_order[i] = obs_order(gram, layer.mlp.down_proj.weight.float())
         if progress is not None:
             progress.update(1)
+    for h in hidden:  # what the final norm reads
+        x = h.float().reshape(-1, h.shape[-1])
+        stats.norm_in_sumsq[-1] += (x * x).sum(0).double().cpu()
     return stats
+
+
+def _weight_norms(stats: LayerStats, layer: Any, i: int) -> None:
+    for name, (path, axis) in NORMS.items():
+        stats.norms[name][i] = layer.get_submodule(path).weight.float().pow(2).sum(axis).double().cpu()
+
+
+def _store_layer(stats: LayerStats, acc: dict[str, torch.Tensor], i: int) -> None:
+    """Move layer ``i``'s sums from the device into ``stats`` (``acc`` is left empty)."""
+    for k in range(len(LAYER_NORMS)):
+        if f"norm_in.{k}" in acc:  # absent without tokens (magnitude scores)
+            stats.norm_in_sumsq[2 * i + k] += acc.pop(f"norm_in.{k}").double().cpu()
+            stats.norm_out_sumsq[i, k] += acc.pop(f"norm_out.{k}").double().cpu()
+    for name, value in acc.items():
+        getattr(stats, name)[i] += value.double().cpu()
+    acc.clear()
 
 
 @dataclass
@@ -204,6 +243,8 @@ class Scores:
     kv_groups: torch.Tensor  # [L, KV]
     ffn: torch.Tensor  # [L, F]
     layers: torch.Tensor  # [L]
+    hidden: torch.Tensor  # [hidden]
+    residual_sq: torch.Tensor  # [2L + 1, hidden]: mean square of each hidden channel entering each norm
 
 
 def _group_sum(heads: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -239,20 +280,31 @@ def compute_scores(stats: LayerStats, shape: Shape, scorer: str) -> Scores:
         kv_own = (norms["k_rows"].view(-1, KV, hd).sum(-1) + norms["v_rows"].view(-1, KV, hd).sum(-1)).sqrt()
         kv = _group_sum(heads, KV) + kv_own
         ffn = (norms["gate_rows"] + norms["up_rows"] + down_cols).sqrt()
-    return Scores(heads=heads, kv_groups=kv, ffn=ffn, layers=block_influence)
+    hidden = (stats.norm_out_sumsq / n).sqrt().sum((0, 1))
+    return Scores(heads=heads, kv_groups=kv, ffn=ffn, layers=block_influence, hidden=hidden,
+                  residual_sq=stats.norm_in_sumsq / n)
 
 
 @dataclass
 class Selection:
-    """Which original structures survive. Per kept layer, indices are ascending."""
+    """Which original structures survive. Per kept layer, indices are ascending.
+
+    With the hidden size pruned, ``norm_scales`` rescale each kept norm's weight (per kept layer: its two norms;
+    then the final norm): an RMS norm over fewer channels divides by the RMS of the kept ones, larger than the
+    whole stream's when the kept channels carry more than their share of its energy, so each weight is
+    multiplied by the ratio of the two (from the calibration tokens' mean squares) to keep its outputs' scale.
+    """
 
     layers: list[int]
     kv_groups: list[list[int]]
     heads: list[list[int]]  # original query-head indices, grouped by kept KV group
     ffn: list[list[int]]
+    hidden: list[int] | None = None  # kept hidden channels (None: all)
+    norm_scales: list[list[float]] | None = None  # per kept layer [input, post-attention], then [[final]]
 
     def summary(self) -> dict[str, Any]:
-        return {"kept_layers": self.layers, "kept_kv_groups": self.kv_groups, "kept_heads": self.heads}
+        return {"kept_layers": self.layers, "kept_kv_groups": self.kv_groups, "kept_heads": self.heads,
+                **({"kept_hidden": self.hidden} if self.hidden is not None else {})}
 
 
 def _top(values: torch.Tensor, k: int) -> list[int]:
@@ -283,4 +335,16 @@ def select(scores: Scores, before: Shape, after: Shape) -> Selection:
         sel.kv_groups.append(groups)
         sel.heads.append(heads)
         sel.ffn.append(_top(scores.ffn[i], after.intermediate_size))
+    if after.hidden_size < before.hidden_size:
+        sel.hidden = _top(scores.hidden, after.hidden_size)
+        sel.norm_scales = _norm_scales(scores.residual_sq, kept_layers, sel.hidden)
     return sel
+
+
+def _norm_scales(residual_sq: torch.Tensor, kept_layers: list[int], hidden: list[int]) -> list[list[float]]:
+    """sqrt(mean square of the kept channels / mean square of all) at each kept norm (see :class:`Selection`)."""
+    kept = torch.tensor(hidden, dtype=torch.long)
+    ratio = (residual_sq[:, kept].mean(1) / residual_sq.mean(1).clamp_min(1e-30)).sqrt()
+    ratio = torch.where(torch.isfinite(ratio) & (ratio > 0), ratio, torch.ones_like(ratio))  # no tokens: unscaled
+    n = len(LAYER_NORMS)
+    return [[float(ratio[n * i + k]) for k in range(n)] for i in kept_layers] + [[float(ratio[-1])]]

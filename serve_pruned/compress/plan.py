@@ -56,7 +56,7 @@ class PackagePlan:
     def shape_kw(self) -> dict[str, Any]:
         """How the shape search may move, for this architecture and quantization."""
         return dict(multiple_of=self.opts.ffn_multiple, prune_heads=self.support.prune_heads,
-                    heads_divide=self.hidden if self.support.heads_divide_hidden else None)
+                    heads_divide_hidden=self.support.heads_divide_hidden, search_hidden=self.opts.prune_hidden)
 
     @property
     def save_dtype(self) -> str:
@@ -80,7 +80,7 @@ class PackagePlan:
         return self.scorer
 
     def quantization(self, shape: Shape) -> QuantPlan | None:
-        return plan_quantization(self.opts.quant, quantized_widths(shape, self.hidden), group_size=self.opts.group_size)
+        return plan_quantization(self.opts.quant, quantized_widths(shape), group_size=self.opts.group_size)
 
     def sizer(self) -> Sizer:
         """What an output of a given shape weighs, with this run's quantization and save dtype."""
@@ -88,9 +88,9 @@ class PackagePlan:
                      self.quantization)
 
 
-def quantized_widths(shape: Shape, hidden: int) -> list[int]:
+def quantized_widths(shape: Shape) -> list[int]:
     """Input widths of the linear layers a quantizer sees: hidden (q/k/v/gate/up), o_proj, down_proj."""
-    return [hidden, shape.num_heads * shape.head_dim, shape.intermediate_size]
+    return [shape.hidden_size, shape.num_heads * shape.head_dim, shape.intermediate_size]
 
 
 def plan_package(opts: PackageOptions) -> PackagePlan:
@@ -120,8 +120,8 @@ def _candidates(plan: PackagePlan) -> list[Candidate]:
         return _fit_size_target(plan, opts.size_target)
     if plan.prunes:
         return plan_shapes(plan.src.shapes(), plan.before, target=opts.target_params, keep_heads=opts.keep_heads,
-                           keep_kv_heads=opts.keep_kv_heads, keep_ffn=opts.keep_ffn, drop_layers=opts.drop_layers,
-                           **plan.shape_kw())
+                           keep_kv_heads=opts.keep_kv_heads, keep_ffn=opts.keep_ffn, keep_hidden=opts.keep_hidden,
+                           drop_layers=opts.drop_layers, **plan.shape_kw())
     if opts.quant == "none":
         raise InvalidTargetError(
             "nothing to do: no pruning target or counts, and no quantization",
@@ -136,7 +136,8 @@ def _fit_size_target(plan: PackagePlan, target: SizeTarget) -> list[Candidate]:
 
     def search(fits: Callable[[Shape], bool]) -> list[Candidate]:
         return plan_shapes(plan.src.shapes(), plan.before, keep_heads=opts.keep_heads, keep_kv_heads=opts.keep_kv_heads,
-                           keep_ffn=opts.keep_ffn, drop_layers=opts.drop_layers, fits=fits, **plan.shape_kw())
+                           keep_ffn=opts.keep_ffn, keep_hidden=opts.keep_hidden, drop_layers=opts.drop_layers,
+                           fits=fits, **plan.shape_kw())
 
     plan.fit = fit_target(target, plan.sizer(), search)
     resolved = {"target_weight_bytes": None, "target_instances": None}
@@ -150,8 +151,9 @@ def _fit_size_target(plan: PackagePlan, target: SizeTarget) -> list[Candidate]:
 def _check_calibration_needed(plan: PackagePlan) -> None:
     opts = plan.opts
     quant_needs_data = opts.quant in ("w8a8", "w4a16")
+    hidden_cut = any(c.shape.hidden_size < plan.before.hidden_size for c in plan.candidates)
     needs_calib = quant_needs_data or (plan.prunes and (opts.scorer != "magnitude" or len(plan.candidates) > 1
-                                                        or opts.drop_layers > 0 or opts.iterative))
+                                                        or opts.drop_layers > 0 or opts.iterative or hidden_cut))
     if needs_calib and not opts.calib:
         what = "quantization" if quant_needs_data and not plan.prunes else "this pruning"
         raise CalibrationDataError(f"{what} needs calibration text and none was given", path="",

@@ -10,7 +10,9 @@ import torch
 from serve_pruned.compress.importance import Selection
 from serve_pruned.compress.stream import Streamed, cast_floating
 from serve_pruned.compress.weights import ModuleTensors, Tensors
-from serve_pruned.model.shapes import RESIZE, Shape, split_layer_name
+from serve_pruned.model.shapes import LAYER_NORMS, Shape, resizing, split_layer_name
+
+FINAL_NORM = "model.norm.weight"
 
 
 def _channel_index(units: list[int], width: int) -> torch.Tensor:
@@ -20,7 +22,8 @@ def _channel_index(units: list[int], width: int) -> torch.Tensor:
 
 class PrunedTensors:
     """The tensors of ``source`` as the pruned model names them: kept layers renumbered, sliced to the kept heads,
-    KV groups and FFN channels, each read (and sliced) only when asked for."""
+    KV groups, FFN channels and hidden channels (norm weights rescaled for the last), each read (and sliced) only
+    when asked for."""
 
     def __init__(self, source: Tensors, before: Shape, sel: Selection) -> None:
         self.source, self.sel, self._hd = source, sel, before.head_dim
@@ -34,6 +37,7 @@ class PrunedTensors:
                 new = new_index[parts[0]]
                 self._from[name.replace(f"layers.{parts[0]}.", f"layers.{new}.", 1)] = (name, new, parts[1])
         self._index: dict[int, dict[str, torch.Tensor]] = {}
+        self._hidden = torch.tensor(sel.hidden, dtype=torch.long) if sel.hidden is not None else None
 
     def names(self) -> list[str]:
         return list(self._from)
@@ -41,10 +45,27 @@ class PrunedTensors:
     def get(self, name: str) -> torch.Tensor:
         old, layer, rest = self._from[name]
         tensor = self.source.get(old)
-        if layer is None or rest not in RESIZE:
-            return tensor
-        axis, kind = RESIZE[rest]
-        return tensor.index_select(axis, self._indices(layer)[kind]).contiguous()
+        for axis, kind in resizing(old):
+            if kind == "hidden":
+                if self._hidden is None:
+                    continue
+                index = self._hidden
+            elif layer is None:
+                continue
+            else:
+                index = self._indices(layer)[kind]
+            tensor = tensor.index_select(axis, index)
+        scale = self._norm_scale(layer, rest, name)
+        return tensor * scale if scale is not None else tensor.contiguous()
+
+    def _norm_scale(self, layer: int | None, rest: str, name: str) -> float | None:
+        scales = self.sel.norm_scales
+        if scales is None:
+            return None
+        if layer is None:
+            return scales[-1][0] if name == FINAL_NORM else None
+        norm = rest.removesuffix(".weight")
+        return scales[layer][LAYER_NORMS.index(norm)] if norm in LAYER_NORMS and rest.endswith(".weight") else None
 
     def _indices(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._index:
@@ -62,6 +83,7 @@ def pruned_config(config: dict, after: Shape, sel: Selection) -> dict:
     cfg["num_key_value_heads"] = after.num_kv_heads
     cfg["head_dim"] = after.head_dim  # explicit: num_heads * head_dim no longer equals hidden_size
     cfg["intermediate_size"] = after.intermediate_size
+    cfg["hidden_size"] = after.hidden_size
     cfg["num_hidden_layers"] = after.num_layers
     if isinstance(cfg.get("layer_types"), list) and len(cfg["layer_types"]) > max(sel.layers):
         cfg["layer_types"] = [cfg["layer_types"][i] for i in sel.layers]

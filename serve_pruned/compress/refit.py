@@ -35,7 +35,7 @@ def _accumulate(into: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, 
 
 def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *, block: Any, linear: Any,
          original_block: Any, damp: float, measure_only: bool, stream: list[torch.Tensor] | None = None,
-         residual_at: Any = None) -> tuple[float, float]:
+         residual_at: Any = None, channels: torch.Tensor | None = None) -> tuple[float, float]:
     """Refit ``linear`` (the output projection of ``block``) so ``block`` matches ``original_block``.
 
     With ``stream`` (per batch, the original model's residual stream right after this block) the target is
@@ -82,7 +82,8 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
                 y = layer_output(original_block(*seen["args"], **seen["kwargs"])).reshape(-1, out_width).float()
             else:
                 residual = seen["residual"] if residual_at is not None else h
-                y = (stream[b].float() - residual.float()).reshape(-1, out_width)
+                target = stream[b] if channels is None else stream[b].index_select(-1, channels)
+                y = (target.float() - residual.float()).reshape(-1, out_width)
             if bias is not None:  # the bias stays; the weight fits what is left
                 y = y - bias
             _accumulate(gram, a.T, a)
@@ -108,7 +109,7 @@ def _fit(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], *
 @torch.no_grad()
 def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Tensor, *,
           attention: bool = True, mlp: bool = True, batch_size: int = 4, damp: float = 0.01,
-          target: str = "block", device: Any = None, progress: Any = None,
+          target: str = "block", channels: list[int] | None = None, device: Any = None, progress: Any = None,
           on_layer: Callable[[int, Any], None] | None = None, measure_only: bool = False) -> dict[str, float]:
     """Refit every pruned layer's ``o_proj`` (when ``attention``) and ``down_proj`` (when ``mlp``) in place.
 
@@ -134,6 +135,8 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
     """
     if target not in ("block", "stream"):
         raise ValueError(f"refit target must be 'block' or 'stream', not {target!r}")
+    if channels is not None and target != "stream":
+        raise ValueError("a pruned hidden size is refit to the original's residual stream: pass target='stream'")
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     p, o = streamed(pruned, device), streamed(original, device)
     hidden, kwargs = p.embed(batches)
@@ -142,6 +145,7 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
         t_hidden, t_kwargs = o.embed(batches)
     next_original = 0
     errors: dict[str, list[float]] = {}
+    index = torch.tensor(channels, dtype=torch.long, device=p.device) if channels is not None else None
     for li, layer in p.layers():
         with o.part(f"model.layers.{kept_layers[li]}") as orig:
             streams: dict[str, list[torch.Tensor] | None] = {"attn": None, "mlp": None}
@@ -153,7 +157,7 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
                 streams["mlp"] = t_hidden
                 next_original = kept_layers[li] + 1
             _refit_layer(layer, orig, hidden, kwargs, streams, errors, attention=attention, mlp=mlp, damp=damp,
-                         measure_only=measure_only)
+                         measure_only=measure_only, channels=index)
         hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
         if on_layer is not None:
             on_layer(li, layer)
@@ -164,7 +168,7 @@ def refit(pruned: Any, original: Any, kept_layers: list[int], samples: torch.Ten
 
 def _refit_layer(layer: Any, orig: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
                  streams: dict[str, list[torch.Tensor] | None], errors: dict[str, list[float]], *, attention: bool,
-                 mlp: bool, damp: float, measure_only: bool) -> None:
+                 mlp: bool, damp: float, measure_only: bool, channels: torch.Tensor | None) -> None:
     """One pruned layer's attention, then its MLP, fitted to the original layer ``orig``; errors appended."""
     jobs = []
     if attention:
@@ -173,7 +177,8 @@ def _refit_layer(layer: Any, orig: Any, hidden: list[torch.Tensor], kwargs: list
         jobs.append(("mlp", layer.mlp, layer.mlp.down_proj, orig.mlp, layer.post_attention_layernorm))
     for name, block, linear, original_block, residual_at in jobs:
         before, after = _fit(layer, hidden, kwargs, block=block, linear=linear, original_block=original_block,
-                             damp=damp, measure_only=measure_only, stream=streams[name], residual_at=residual_at)
+                             damp=damp, measure_only=measure_only, stream=streams[name], residual_at=residual_at,
+                             channels=channels)
         errors.setdefault(f"{name}_rel_error_before", []).append(before)
         errors.setdefault(f"{name}_rel_error_after", []).append(after)
 

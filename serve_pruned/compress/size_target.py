@@ -62,7 +62,8 @@ class Sizer:
     def weight_bytes(self, shape: Shape) -> int:
         quant = self.quantization(shape)
         outside, alike = self._layouts
-        total = 8 + sum(_entry_bytes(name, dims, None, self.save_bytes) for name, dims in outside)
+        total = 8 + sum(_entry_bytes(name, resized(name, dims, self.before, shape), None, self.save_bytes)
+                        for name, dims in outside)
         for tensors, indices in alike.items():
             kept = sum(1 for i in indices if i < shape.num_layers)
             if kept:
@@ -76,7 +77,7 @@ class Sizer:
     def footprint(self, shape: Shape) -> ModelFootprint:
         return ModelFootprint(name=f"the shape {shape.to_dict()}", weight_bytes=self.weight_bytes(shape),
                               kv_bytes_per_token=shape.kv_cache_bytes_per_token(2),
-                              hidden_size=int(self.config["hidden_size"]), intermediate_size=shape.intermediate_size,
+                              hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
                               vocab_size=int(self.config["vocab_size"]))
 
     def instances(self, shape: Shape, target: SizeTarget) -> int:

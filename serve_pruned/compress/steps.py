@@ -65,11 +65,14 @@ def _compose(prev: Selection, sel: Selection) -> Selection:
     """``sel`` (indices into the current model) expressed in the ORIGINAL model's indices."""
     from serve_pruned.compress.importance import Selection
 
+    hidden = prev.hidden if sel.hidden is None else (
+        sel.hidden if prev.hidden is None else [prev.hidden[c] for c in sel.hidden])
     return Selection(
         layers=[prev.layers[i] for i in sel.layers],
         kv_groups=[[prev.kv_groups[i][g] for g in sel.kv_groups[j]] for j, i in enumerate(sel.layers)],
         heads=[[prev.heads[i][h] for h in sel.heads[j]] for j, i in enumerate(sel.layers)],
         ffn=[[prev.ffn[i][c] for c in sel.ffn[j]] for j, i in enumerate(sel.layers)],
+        hidden=hidden,  # the norm scales are already in the weights each step wrote
     )
 
 
@@ -105,7 +108,7 @@ def _save_step(folder: Path, cur: Current, report: dict[str, Any], *, written: b
     atomic_write_text(folder / "done.json", json.dumps({
         "config": cur.config, "shape": cur.shape.to_dict(), "params": cur.params,
         "kept": {"layers": cur.kept.layers, "kv_groups": cur.kept.kv_groups, "heads": cur.kept.heads,
-                 "ffn": cur.kept.ffn},
+                 "ffn": cur.kept.ffn, "hidden": cur.kept.hidden},
         "report": report}) + "\n")
 
 
@@ -310,7 +313,8 @@ class Steps:
         new_model: Any = _step_model(step_dir, device=self.loaded.device, dtype=self.loaded.original.dtype)
         if _distills(distill_steps, dsamples):
             new_model = whole_model(new_model)
-            self.distill(new_model, dsamples, distill_steps, where=where, step_dir=step_dir, report=report)
+            self.distill(new_model, dsamples, distill_steps, where=where, step_dir=step_dir, report=report,
+                         hidden_channels=kept.hidden)
         return (Current(new_model, new_cfg, chosen.shape, kept, params), Candidate(chosen.shape, params,
                 params / plan.total), report)
 
@@ -342,7 +346,8 @@ class Steps:
         written to ``writer``; False when nothing needed a refit (and nothing was written)."""
         opts = self.opts
         # the stream target corrects drift wherever it is, so every layer's o_proj and down_proj is refit
-        stream = opts.refit_target == "stream"
+        # a narrower hidden size leaves no original-width input to fit a block to: the residual stream is the target
+        stream = opts.refit_target == "stream" or shape.hidden_size < self.plan.before.hidden_size
         attn = shape.num_heads < cur.shape.num_heads or dropped or stream
         mlp = shape.intermediate_size < cur.shape.intermediate_size or dropped or stream
         if not (attn or mlp):
@@ -356,15 +361,15 @@ class Steps:
         which = " + ".join(n for n, on in (("o_proj", attn), ("down_proj", mlp)) if on)
         with self.timer("refit"), progress_bar(shape.num_layers, f"{where}: refitting {which}", self.progress) as bar:
             report["refit"] = refit(new_model, self.loaded.original, kept.layers, self.loaded.samples, attention=attn,
-                                    mlp=mlp, batch_size=opts.batch_size, target=opts.refit_target,
-                                    device=self.loaded.device, progress=bar, on_layer=write)
+                                    mlp=mlp, batch_size=opts.batch_size, target="stream" if stream else "block",
+                                    channels=kept.hidden, device=self.loaded.device, progress=bar, on_layer=write)
         self.log(f"{where}: refit {which}: block error " + ", ".join(
             f"{n} {report['refit'][f'{n}_rel_error_before']:.3f} -> {report['refit'][f'{n}_rel_error_after']:.3f}"
             for n in ("attn", "mlp") if f"{n}_rel_error_before" in report["refit"]))
         return True
 
     def distill(self, new_model: Any, dsamples: Any, steps: int, *, where: str, step_dir: Path,
-                report: dict[str, Any]) -> None:
+                report: dict[str, Any], hidden_channels: list[int] | None) -> None:
         """Logit distillation from the original, this step's share of the budget."""
         from serve_pruned.compress.distill import distill
 
@@ -375,6 +380,7 @@ class Steps:
                                                  unit="step") as bar:
             report["distill"] = distill(new_model, self.loaded.whole(), dsamples, settings=settings,
                                         checkpoint_dir=step_dir / "distill", device=str(self.loaded.device),
+                                        hidden_channels=hidden_channels,
                                         progress=bar, time_budget_s=budget)
         d = report["distill"]
         self.log(f"{where}: distilled {d['steps']} steps ({d['tokens']:,} tokens, {d['seconds']:.0f} s): "

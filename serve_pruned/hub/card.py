@@ -89,6 +89,7 @@ def render_card(body: dict[str, Any], *, name: str, repo_id: str | None = None) 
         f"| layers | {b['num_layers']} | {a['num_layers']} |",
         f"| query / KV heads | {b['num_heads']} / {b['num_kv_heads']} | {a['num_heads']} / {a['num_kv_heads']} |",
         f"| FFN width | {b['intermediate_size']} | {a['intermediate_size']} |",
+        *([f"| hidden size | {b['hidden_size']} | {a['hidden_size']} |"] if "hidden_size" in a else []),
         f"| quantization | – | {quant['scheme'] if quant else 'none'}"
         + (f" (group {quant['group_size']})" if quant and quant.get("group_size") else "") + " |",
         "",

@@ -34,6 +34,12 @@ class ArchSupport:
     heads_divide_hidden: bool = False
     notes: str = ""
 
+    @property
+    def prune_hidden(self) -> bool:
+        """The hidden size can be pruned: the same condition as heads (an explicit head_dim, which vLLM reads, keeps
+        num_heads * head_dim apart from hidden_size)."""
+        return self.prune_heads
+
 
 SUPPORTED: dict[str, ArchSupport] = {
     s.model_type: s

@@ -16,31 +16,38 @@ from serve_pruned.model.config import config_int
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*\blayers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
-# How each per-layer tensor resizes: (axis, what its size along that axis counts).
-#   "q"   -> num_heads * head_dim,  "kv" -> num_kv_heads * head_dim,  "ffn" -> intermediate_size.
-# Tensors not listed keep their shape (norms, o_proj/down_proj biases, Qwen3 q_norm/k_norm).
-RESIZE: dict[str, tuple[int, str]] = {
-    "self_attn.q_proj.weight": (0, "q"),
-    "self_attn.q_proj.bias": (0, "q"),
-    "self_attn.k_proj.weight": (0, "kv"),
-    "self_attn.k_proj.bias": (0, "kv"),
-    "self_attn.v_proj.weight": (0, "kv"),
-    "self_attn.v_proj.bias": (0, "kv"),
-    "self_attn.o_proj.weight": (1, "q"),
-    "mlp.gate_proj.weight": (0, "ffn"),
-    "mlp.gate_proj.bias": (0, "ffn"),
-    "mlp.up_proj.weight": (0, "ffn"),
-    "mlp.up_proj.bias": (0, "ffn"),
-    "mlp.down_proj.weight": (1, "ffn"),
+# How each tensor resizes: the (axis, what its size along that axis counts) pairs it is sliced on.
+#   "q" -> num_heads * head_dim,  "kv" -> num_kv_heads * head_dim,  "ffn" -> intermediate_size,
+#   "hidden" -> hidden_size: the residual stream's channels, which every layer reads (the input columns of
+#   q/k/v/gate/up, its norms) and writes (the output rows of o_proj/down_proj), as do the embedding and the head.
+# Per-layer tensors not listed keep their shape (Qwen3's q_norm/k_norm, per head_dim).
+RESIZE: dict[str, tuple[tuple[int, str], ...]] = {
+    "self_attn.q_proj.weight": ((0, "q"), (1, "hidden")),
+    "self_attn.q_proj.bias": ((0, "q"),),
+    "self_attn.k_proj.weight": ((0, "kv"), (1, "hidden")),
+    "self_attn.k_proj.bias": ((0, "kv"),),
+    "self_attn.v_proj.weight": ((0, "kv"), (1, "hidden")),
+    "self_attn.v_proj.bias": ((0, "kv"),),
+    "self_attn.o_proj.weight": ((0, "hidden"), (1, "q")),
+    "self_attn.o_proj.bias": ((0, "hidden"),),
+    "mlp.gate_proj.weight": ((0, "ffn"), (1, "hidden")),
+    "mlp.gate_proj.bias": ((0, "ffn"),),
+    "mlp.up_proj.weight": ((0, "ffn"), (1, "hidden")),
+    "mlp.up_proj.bias": ((0, "ffn"),),
+    "mlp.down_proj.weight": ((0, "hidden"), (1, "ffn")),
+    "mlp.down_proj.bias": ((0, "hidden"),),
+    "input_layernorm.weight": ((0, "hidden"),),
+    "post_attention_layernorm.weight": ((0, "hidden"),),
 }
-_KEPT_WHOLE = {
-    "self_attn.o_proj.bias",
-    "mlp.down_proj.bias",
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_norm.weight",
-    "self_attn.k_norm.weight",
+# Outside the decoder layers: the embedding, the final norm and the head (tied or not) live in hidden channels.
+RESIZE_OUTSIDE: dict[str, tuple[tuple[int, str], ...]] = {
+    "model.embed_tokens.weight": ((1, "hidden"),),
+    "model.norm.weight": ((0, "hidden"),),
+    "lm_head.weight": ((1, "hidden"),),
 }
+# The norms of the residual stream, in the order a forward pass meets them in one layer.
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+_KEPT_WHOLE = {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Shape:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
+    hidden_size: int
 
     @property
     def heads_per_group(self) -> int:
@@ -73,6 +81,7 @@ class Shape:
             num_kv_heads=kv,
             head_dim=head_dim,
             intermediate_size=config_int(config, "intermediate_size"),
+            hidden_size=config_int(config, "hidden_size"),
         )
 
     def size(self, kind: str) -> int:
@@ -80,6 +89,8 @@ class Shape:
             return self.num_heads * self.head_dim
         if kind == "kv":
             return self.num_kv_heads * self.head_dim
+        if kind == "hidden":
+            return self.hidden_size
         return self.intermediate_size
 
     def to_dict(self) -> dict[str, int]:
@@ -114,29 +125,34 @@ def split_layer_name(name: str) -> tuple[int, str] | None:
     return (int(m["idx"]), m["rest"]) if m else None
 
 
-def resized(name: str, shape: tuple[int, ...], before: Shape, after: Shape) -> tuple[int, ...]:
-    """The shape tensor ``name`` takes when the model goes from ``before`` to ``after``."""
+def resizing(name: str) -> tuple[tuple[int, str], ...]:
+    """The (axis, kind) pairs tensor ``name`` is sliced on when the model is pruned (empty: kept whole)."""
     parts = split_layer_name(name)
     if parts is None:
-        return shape
+        return RESIZE_OUTSIDE.get(name, ())
     rest = parts[1]
     if rest in _KEPT_WHOLE:
-        return shape
+        return ()
     if rest not in RESIZE:
         raise ModelLoadError(
             f"tensor {name} is not part of a Llama-family decoder layer; cannot prune this model",
             path=name,
             hint="only the architectures in the README support table can be pruned",
         )
-    axis, kind = RESIZE[rest]
-    if shape[axis] != before.size(kind):
-        raise ModelLoadError(
-            f"tensor {name} has size {shape[axis]} on axis {axis}, config.json implies {before.size(kind)}",
-            path=name,
-            hint="config.json and the weights disagree; re-save the model",
-        )
+    return RESIZE[rest]
+
+
+def resized(name: str, shape: tuple[int, ...], before: Shape, after: Shape) -> tuple[int, ...]:
+    """The shape tensor ``name`` takes when the model goes from ``before`` to ``after``."""
     new = list(shape)
-    new[axis] = after.size(kind)
+    for axis, kind in resizing(name):
+        if shape[axis] != before.size(kind):
+            raise ModelLoadError(
+                f"tensor {name} has size {shape[axis]} on axis {axis}, config.json implies {before.size(kind)}",
+                path=name,
+                hint="config.json and the weights disagree; re-save the model",
+            )
+        new[axis] = after.size(kind)
     return tuple(new)
 
 
@@ -170,10 +186,11 @@ def _check_counts(
     keep_heads: int | None,
     keep_kv_heads: int | None,
     keep_ffn: int | None,
+    keep_hidden: int | None,
     drop_layers: int,
     multiple_of: int,
     prune_heads: bool,
-    heads_divide: int | None,
+    heads_divide_hidden: bool,
 ) -> None:
     if keep_kv_heads is not None and not 1 <= keep_kv_heads <= before.num_kv_heads:
         raise GQAGroupingError(
@@ -197,34 +214,38 @@ def _check_counts(
                 field="keep_heads",
                 hint=f"with {kv} KV heads, --keep-heads must be one of {valid} (or change --keep-kv-heads)",
             )
-    if keep_heads is not None and heads_divide and heads_divide % keep_heads:
-        ok = [h for h in range(1, before.num_heads + 1) if heads_divide % h == 0]
+    hidden = keep_hidden or before.hidden_size
+    if keep_heads is not None and heads_divide_hidden and hidden % keep_heads:
+        ok = [h for h in range(1, before.num_heads + 1) if hidden % h == 0]
         raise GQAGroupingError(
-            f"--keep-heads {keep_heads} does not divide hidden_size {heads_divide}, which this architecture's "
+            f"--keep-heads {keep_heads} does not divide hidden_size {hidden}, which this architecture's "
             "config class requires",
             field="keep_heads",
-            hint=f"choose --keep-heads from {ok}",
+            hint=f"choose --keep-heads from {ok}" + (" (or another --keep-hidden)" if keep_hidden else ""),
         )
     if not prune_heads and (
         (keep_heads is not None and keep_heads != before.num_heads)
         or (keep_kv_heads is not None and keep_kv_heads != before.num_kv_heads)
+        or (keep_hidden is not None and keep_hidden != before.hidden_size)
     ):
         raise GQAGroupingError(
-            "this architecture's vLLM implementation derives head_dim from hidden_size, so heads cannot be pruned",
-            field="keep_heads",
-            hint="prune FFN channels and layers only (drop --keep-heads/--keep-kv-heads)",
+            "this architecture's vLLM implementation derives head_dim from hidden_size, so neither heads nor the "
+            "hidden size can be pruned",
+            field="keep_hidden" if keep_hidden is not None else "keep_heads",
+            hint="prune FFN channels and layers only (drop --keep-heads/--keep-kv-heads/--keep-hidden)",
         )
-    if keep_ffn is not None:
-        if not 1 <= keep_ffn <= before.intermediate_size:
+    for value, name, size in ((keep_ffn, "ffn", before.intermediate_size), (keep_hidden, "hidden", before.hidden_size)):
+        if value is None:
+            continue
+        if not 1 <= value <= size:
             raise InvalidTargetError(
-                f"--keep-ffn {keep_ffn} is outside 1..{before.intermediate_size}", field="keep_ffn",
-                hint=f"pass --keep-ffn between {multiple_of} and {before.intermediate_size}, a multiple of "
-                     f"{multiple_of}",
+                f"--keep-{name} {value} is outside 1..{size}", field=f"keep_{name}",
+                hint=f"pass --keep-{name} between {multiple_of} and {size}, a multiple of {multiple_of}",
             )
-        if keep_ffn % multiple_of and keep_ffn != before.intermediate_size:
+        if value % multiple_of and value != size:
             raise InvalidTargetError(
-                f"--keep-ffn {keep_ffn} is not a multiple of {multiple_of}",
-                field="keep_ffn",
+                f"--keep-{name} {value} is not a multiple of {multiple_of}",
+                field=f"keep_{name}",
                 hint=f"use a multiple of {multiple_of}, or change --multiple-of "
                      "(quantization group sizes must divide it)",
             )
@@ -238,6 +259,21 @@ def _check_counts(
         )
 
 
+# The search never cuts the hidden size below this share of the original's (Minitron's widest cut, 4B-Width from
+# Llama-3.1-8B, keeps 0.75), and tries at most this many hidden sizes: each one multiplies the shapes to score.
+HIDDEN_FLOOR = 0.5
+HIDDEN_STEPS = 16
+
+
+def hidden_options(before: Shape, multiple_of: int) -> list[int]:
+    """The hidden sizes the search tries, widest first: the original's, then multiples of ``multiple_of`` (coarsened
+    so there are at most about ``HIDDEN_STEPS``) down to ``HIDDEN_FLOOR`` of it."""
+    h = before.hidden_size
+    step = multiple_of * max(1, math.ceil(h / (HIDDEN_STEPS * multiple_of)))
+    top = h - h % step if h % step else h - step
+    return [h] + [w for w in range(top, 0, -step) if w >= HIDDEN_FLOOR * h]
+
+
 def plan_shapes(
     tensors: Mapping[str, tuple[int, ...]],
     before: Shape,
@@ -246,19 +282,24 @@ def plan_shapes(
     keep_heads: int | None = None,
     keep_kv_heads: int | None = None,
     keep_ffn: int | None = None,
+    keep_hidden: int | None = None,
     drop_layers: int = 0,
     multiple_of: int = 64,
     prune_heads: bool = True,
-    heads_divide: int | None = None,
+    heads_divide_hidden: bool = False,
+    search_hidden: bool = False,
     fits: Callable[[Shape], bool] | None = None,
 ) -> list[Candidate]:
     """Turn counts and/or a target into the uniform shapes worth trying.
 
     Counts that are given are fixed; with ``target`` the remaining dimensions are searched: for every
-    allowed (KV groups, query heads per group), the widest FFN (a multiple of ``multiple_of``) that
-    keeps the total at or below ``target`` of the original parameters. ``fits`` (a target in bytes or
-    instances, which the caller predicts for a shape) is searched the same way, the widest FFN it admits.
-    With neither, exactly one candidate (the counts given, the rest unchanged) is returned.
+    allowed (KV groups, query heads per group, and with ``search_hidden`` hidden size), the widest FFN (a multiple
+    of ``multiple_of``) that keeps the total at or below ``target`` of the original parameters. ``fits`` (a target
+    in bytes or instances, which the caller predicts for a shape) is searched the same way, the widest FFN it
+    admits. With neither, exactly one candidate (the counts given, the rest unchanged) is returned.
+
+    ``prune_heads`` False (vLLM derives head_dim from hidden_size) fixes the heads and the hidden size;
+    ``heads_divide_hidden`` (the config class checks it) admits only head counts that divide the hidden size.
 
     Returns:
         Candidates, the largest parameter count first (with ``fits``: empty when it admits none).
@@ -274,10 +315,11 @@ def plan_shapes(
         keep_heads=keep_heads,
         keep_kv_heads=keep_kv_heads,
         keep_ffn=keep_ffn,
+        keep_hidden=keep_hidden,
         drop_layers=drop_layers,
         multiple_of=multiple_of,
         prune_heads=prune_heads,
-        heads_divide=heads_divide,
+        heads_divide_hidden=heads_divide_hidden,
     )
     total = count_params(tensors, before)
     layers = before.num_layers - drop_layers
@@ -288,12 +330,19 @@ def plan_shapes(
         admits = fits
     else:
         return [_exact(tensors, before, total, layers=layers, keep_heads=keep_heads, keep_kv_heads=keep_kv_heads,
-                       keep_ffn=keep_ffn)]
+                       keep_ffn=keep_ffn, keep_hidden=keep_hidden)]
     if keep_heads is not None and keep_kv_heads is None:
         keep_kv_heads = before.num_kv_heads
+    if keep_hidden is not None:
+        hiddens = [keep_hidden]
+    elif search_hidden and prune_heads:
+        hiddens = hidden_options(before, multiple_of)
+    else:
+        hiddens = [before.hidden_size]
     candidates, smallest = _widest_fitting(tensors, before, total, admits, layers=layers, keep_heads=keep_heads,
-                                           keep_kv_heads=keep_kv_heads, keep_ffn=keep_ffn, multiple_of=multiple_of,
-                                           prune_heads=prune_heads, heads_divide=heads_divide)
+                                           keep_kv_heads=keep_kv_heads, keep_ffn=keep_ffn, hiddens=hiddens,
+                                           multiple_of=multiple_of, prune_heads=prune_heads,
+                                           heads_divide_hidden=heads_divide_hidden)
     if not candidates and target is None:
         return []
     if not candidates:
@@ -308,11 +357,13 @@ def plan_shapes(
 
 
 def _exact(tensors: Mapping[str, tuple[int, ...]], before: Shape, total: int, *, layers: int,
-           keep_heads: int | None, keep_kv_heads: int | None, keep_ffn: int | None) -> Candidate:
+           keep_heads: int | None, keep_kv_heads: int | None, keep_ffn: int | None,
+           keep_hidden: int | None) -> Candidate:
     """The one shape the counts name (the rest unchanged)."""
     kv = keep_kv_heads if keep_kv_heads is not None else before.num_kv_heads
     heads = keep_heads if keep_heads is not None else kv * before.heads_per_group
-    shape = Shape(layers, heads, kv, before.head_dim, keep_ffn or before.intermediate_size)
+    shape = Shape(layers, heads, kv, before.head_dim, keep_ffn or before.intermediate_size,
+                  keep_hidden or before.hidden_size)
     if shape == before:
         raise InvalidTargetError(
             "nothing to prune: no --target-params and every count equals the model's",
@@ -344,36 +395,39 @@ def _within(tensors: Mapping[str, tuple[int, ...]], before: Shape, budget: int) 
 
 def _widest_fitting(tensors: Mapping[str, tuple[int, ...]], before: Shape, total: int, fits: Callable[[Shape], bool],
                     *, layers: int, keep_heads: int | None, keep_kv_heads: int | None, keep_ffn: int | None,
-                    multiple_of: int, prune_heads: bool, heads_divide: int | None) -> tuple[list[Candidate], int]:
-    """For every allowed (KV groups, query heads per group), the widest FFN that ``fits``; also the smallest
-    parameter count seen (for the error when nothing fits)."""
+                    hiddens: list[int], multiple_of: int, prune_heads: bool,
+                    heads_divide_hidden: bool) -> tuple[list[Candidate], int]:
+    """For every allowed (KV groups, query heads per group, hidden size), the widest FFN that ``fits``; also the
+    smallest parameter count seen (for the error when nothing fits)."""
     if prune_heads:
         kv_options = [keep_kv_heads] if keep_kv_heads else list(range(1, before.num_kv_heads + 1))
     else:
         kv_options = [before.num_kv_heads]
+    if keep_ffn is not None:
+        ffn_options = [keep_ffn]
+    else:
+        top = before.intermediate_size - before.intermediate_size % multiple_of
+        ffn_options = list(range(top, 0, -multiple_of)) or [before.intermediate_size]
     candidates: list[Candidate] = []
     smallest = total
-    for kv in kv_options:
-        if keep_heads is not None:
-            q_options = [keep_heads // kv]
-        elif prune_heads:
-            q_options = list(range(1, before.heads_per_group + 1))
-        else:
-            q_options = [before.heads_per_group]
-        for q in q_options:
-            if heads_divide and heads_divide % (kv * q):
-                continue
-            if keep_ffn is not None:
-                ffn_options = [keep_ffn]
+    for hidden in hiddens:
+        for kv in kv_options:
+            if keep_heads is not None:
+                q_options = [keep_heads // kv]
+            elif prune_heads:
+                q_options = list(range(1, before.heads_per_group + 1))
             else:
-                top = before.intermediate_size - before.intermediate_size % multiple_of
-                ffn_options = list(range(top, 0, -multiple_of)) or [before.intermediate_size]
-            shapes = [Shape(layers, kv * q, kv, before.head_dim, ffn) for ffn in ffn_options]  # widest first
-            first = _first_fitting(shapes, fits)
-            smallest = min(smallest, count_params(tensors, before, shapes[-1]))
-            if first is not None:
-                params = count_params(tensors, before, first)
-                candidates.append(Candidate(first, params, params / total))
+                q_options = [before.heads_per_group]
+            for q in q_options:
+                if heads_divide_hidden and hidden % (kv * q):
+                    continue
+                # widest first
+                shapes = [Shape(layers, kv * q, kv, before.head_dim, ffn, hidden) for ffn in ffn_options]
+                first = _first_fitting(shapes, fits)
+                smallest = min(smallest, count_params(tensors, before, shapes[-1]))
+                if first is not None:
+                    params = count_params(tensors, before, first)
+                    candidates.append(Candidate(first, params, params / total))
     return candidates, smallest
 
 

@@ -13,7 +13,7 @@ from serve_pruned.options import MemoryLimit, PackageOptions
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, vocab_size=128256, num_hidden_layers=32)
-SHAPE_8B = Shape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336)
+SHAPE_8B = Shape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336, hidden_size=4096)
 
 
 def plan(**kw):

@@ -19,6 +19,7 @@ from serve_pruned.compress.importance import (  # noqa: E402
 )
 from serve_pruned.compress.model_io import load_model  # noqa: E402
 from serve_pruned.compress.prune import prune_model  # noqa: E402
+from serve_pruned.model.arch import SUPPORTED  # noqa: E402
 from serve_pruned.model.shapes import Shape, count_params  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -42,6 +43,18 @@ def _silence(model, *, layer: int | None = None, heads=(), ffn=()):
                 ly.mlp.down_proj.weight[:, j] = 0
 
 
+def _silence_hidden(model, channels):
+    """Make hidden channels silent: nothing writes them (embedding columns, o_proj / down_proj rows are zero), so the
+    residual stream is zero there for every token."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, channels] = 0
+        for ly in model.model.layers:
+            for linear in (ly.self_attn.o_proj, ly.mlp.down_proj):
+                linear.weight[channels] = 0
+                if linear.bias is not None:
+                    linear.bias[channels] = 0
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
@@ -53,7 +66,7 @@ def test_pruning_silent_heads_and_channels_preserves_logits(arch, tiny_models):
     before = Shape.from_config(cfg)  # 4 layers, 6 heads / 2 KV groups (3 per group), FFN 256
     # group 1 (heads 3,4,5) silent entirely; head 1 silent inside group 0; FFN channels 0..63 silent
     _silence(model, heads=(1, 3, 4, 5), ffn=range(64))
-    after = Shape(4, 2, 1, before.head_dim, 192)
+    after = Shape(4, 2, 1, before.head_dim, 192, before.hidden_size)
     sel = Selection(layers=[0, 1, 2, 3], kv_groups=[[0]] * 4, heads=[[0, 2]] * 4, ffn=[list(range(64, 256))] * 4)
     pruned, new_cfg = prune_model(model, cfg, before, after, sel)
     ids = torch.randint(0, cfg["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
@@ -72,7 +85,7 @@ def test_dropping_an_identity_layer_preserves_logits(arch, tiny_models):
     model, cfg = _load(tiny_models[arch])
     before = Shape.from_config(cfg)
     _silence(model, layer=2, heads=range(before.num_heads), ffn=range(before.intermediate_size))
-    after = Shape(3, before.num_heads, before.num_kv_heads, before.head_dim, before.intermediate_size)
+    after = Shape(**{**before.to_dict(), "num_layers": 3})
     sel = Selection(layers=[0, 1, 3], kv_groups=[[0, 1]] * 3, heads=[list(range(6))] * 3,
                     ffn=[list(range(256))] * 3)
     pruned, new_cfg = prune_model(model, cfg, before, after, sel)
@@ -81,6 +94,31 @@ def test_dropping_an_identity_layer_preserves_logits(arch, tiny_models):
     assert new_cfg["num_hidden_layers"] == 3
     if "layer_types" in new_cfg:
         assert len(new_cfg["layer_types"]) == 3
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if SUPPORTED[a].prune_heads])
+def test_pruning_silent_hidden_channels_preserves_logits(arch, tiny_models):
+    """The hidden axis end to end: statistics rank silent channels last, the norms are rescaled for the channels
+    they lose (an RMS over fewer channels), and the pruned model computes the same logits."""
+    model, cfg = _load(tiny_models[arch])
+    before = Shape.from_config(cfg)  # hidden 192
+    silent = list(range(0, 192, 4))  # 48 channels: 144 kept, which Llama's config needs its 6 heads to divide
+    _silence_hidden(model, silent)
+    samples = torch.randint(0, cfg["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(3))
+    scores = compute_scores(collect_stats(model, samples, batch_size=2), before, "activation")
+    after = Shape(4, before.num_heads, before.num_kv_heads, before.head_dim, before.intermediate_size, 144)
+    sel = select(scores, before, after)
+    assert sel.hidden == [c for c in range(192) if c not in silent]
+    assert sel.norm_scales is not None and len(sel.norm_scales) == 4 + 1
+    expected_scale = torch.full((2,), (192 / 144) ** 0.5)
+    torch.testing.assert_close(torch.tensor(sel.norm_scales[0], dtype=torch.float32), expected_scale)
+    pruned, new_cfg = prune_model(model, cfg, before, after, sel)
+    assert new_cfg["hidden_size"] == 144 and pruned.model.embed_tokens.weight.shape[1] == 144
+    ids = torch.randint(0, cfg["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    # not bit-exact: the norms' epsilon is added to a mean over fewer channels
+    torch.testing.assert_close(_logits(pruned, ids), _logits(model, ids), rtol=1e-3, atol=5e-4)
+    assert count_params({n: tuple(p.shape) for n, p in pruned.named_parameters()}, after) == sum(
+        p.numel() for p in pruned.parameters())
 
 
 @pytest.mark.parametrize("scorer", ["activation", "fluctuation", "obs"])
@@ -92,7 +130,7 @@ def test_data_scorers_rank_silent_structures_last(scorer, tiny_models):
     samples = torch.randint(0, cfg["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(2))
     stats = collect_stats(model, samples, batch_size=2, ffn_order=scorer == "obs")
     scores = compute_scores(stats, before, scorer)
-    after = Shape(3, 2, 1, before.head_dim, 192)
+    after = Shape(3, 2, 1, before.head_dim, 192, before.hidden_size)
     sel = select(scores, before, after)
     assert sel.layers == [0, 2, 3]  # the identity layer has zero block influence
     assert all(g == [0] for g in sel.kv_groups)
@@ -122,7 +160,8 @@ def test_magnitude_scorer_ranks_by_weights_only(tiny_models):
             ly.mlp.gate_proj.weight[:8] *= 10  # make channels 0..7 the heaviest
     stats = collect_stats(model, torch.zeros(1, 4, dtype=torch.long))
     scores = compute_scores(stats, before, "magnitude")
-    assert all(set(range(8)) <= set(f) for f in select(scores, before, Shape(4, 6, 2, before.head_dim, 64)).ffn)
+    after = Shape(4, 6, 2, before.head_dim, 64, before.hidden_size)
+    assert all(set(range(8)) <= set(f) for f in select(scores, before, after).ffn)
 
 
 def test_unknown_scorer_is_rejected(tiny_models):

@@ -120,3 +120,25 @@ def test_stream_refit_runs_the_original_layers_that_were_dropped(tiny_models, to
                                         original, samples) for name in outs}
     # fit at the right depth the stream lands close (0.02 vs 0.60 here); one step out of depth it barely moves
     assert errors["stream"] < errors["plain"] / 4, errors
+
+
+def test_a_pruned_hidden_size_is_refit_to_the_original_stream_and_distilled(tiny_models, text_files, tmp_path):
+    """The hidden axis through the pipeline: the refit fits the kept channels of the original's residual stream
+    (no block input of the original's width exists), distillation's hidden-state term compares the same channels,
+    and the output is a model of the narrower width that transformers loads."""
+    from serve_pruned.compress.model_io import load_model
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "out", calib=(str(text_files["calib"]),),
+                          num_samples=8, seq_len=32, keep_hidden=144, keep_ffn=192, multiple_of=16, distill_steps=3,
+                          distill_samples=8, distill_seq_len=32, distill_hidden_weight=0.5)
+    m = package(opts, progress=False).manifest.to_dict()
+    assert m["shape_after"]["hidden_size"] == 144 and m["shape_before"]["hidden_size"] == 192
+    assert len(m["pruning"]["kept_hidden"]) == 144
+    step = m["recovery"]["steps"][-1]
+    for block in ("attn", "mlp"):  # both blocks write the residual stream: both are refit
+        assert step["refit"][f"{block}_rel_error_after"] < step["refit"][f"{block}_rel_error_before"]
+    assert step["distill"]["steps"] == 3
+    model = load_model(tmp_path / "out", dtype="float32", trust_remote_code=False)
+    assert model.config.hidden_size == 144 and model.model.norm.weight.shape == (144,)

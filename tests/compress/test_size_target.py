@@ -22,7 +22,7 @@ BEFORE = Shape.from_config(LLAMA_8B)
 
 
 def sizer(quant: str = "w8a8") -> Sizer:
-    return Sizer(TENSORS, BEFORE, LLAMA_8B, 2, lambda s: plan_quantization(quant, quantized_widths(s, 4096)))
+    return Sizer(TENSORS, BEFORE, LLAMA_8B, 2, lambda s: plan_quantization(quant, quantized_widths(s)))
 
 
 def search(fits):

@@ -128,7 +128,7 @@ def test_pruning_a_streamed_model_gives_the_whole_models_pruned_weights(tiny_mod
     whole, lazy = _both(tiny_models[arch])
     config = whole.config.to_dict()
     before = Shape.from_config(config)
-    after = Shape(before.num_layers - 1, before.num_heads, before.num_kv_heads, before.head_dim, 128)
+    after = Shape(**{**before.to_dict(), "num_layers": before.num_layers - 1, "intermediate_size": 128})
     layers = [0, 2, 3]
     sel = Selection(layers=layers, kv_groups=[list(range(before.num_kv_heads))] * 3,
                     heads=[list(range(before.num_heads))] * 3, ffn=[list(range(1, 256, 2))] * 3)
@@ -171,7 +171,7 @@ def test_a_pruned_view_slices_as_stored_and_the_writer_reads_it_so(tiny_models, 
     whole, lazy = _both(tiny_models["llama"], dtype=torch.float64)  # stored in float32
     config = whole.config.to_dict()
     before = Shape.from_config(config)
-    after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 128)
+    after = Shape(before.num_layers, before.num_heads, before.num_kv_heads, before.head_dim, 128, before.hidden_size)
     n = before.num_layers
     sel = Selection(layers=list(range(n)), kv_groups=[list(range(before.num_kv_heads))] * n,
                     heads=[list(range(before.num_heads))] * n, ffn=[list(range(0, 256, 2))] * n)

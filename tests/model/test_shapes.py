@@ -10,7 +10,7 @@ from serve_pruned.errors import GQAGroupingError, InvalidTargetError, ModelLoadE
 from serve_pruned.model.shapes import Shape, count_params, plan_shapes, resized
 
 HIDDEN, VOCAB = 576, 49152
-SMOL = Shape(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
+SMOL = Shape(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536, hidden_size=576)
 
 
 def llama_tensors(s: Shape, *, hidden: int = HIDDEN, vocab: int = VOCAB, bias: bool = False) -> dict:
@@ -39,7 +39,7 @@ def test_smollm2_parameter_count_matches_published_size():
 
 
 def test_count_after_pruning_equals_count_of_a_model_built_with_that_shape():
-    after = Shape(num_layers=27, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=832)
+    after = Shape(num_layers=27, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=832, hidden_size=576)
     assert count_params(llama_tensors(SMOL, bias=True), SMOL, after) == count_params(
         llama_tensors(after, bias=True), after)
 
@@ -85,7 +85,7 @@ def test_fixed_counts_restrict_the_search():
 
 def test_counts_without_target_give_exactly_that_shape():
     (c,) = plan_shapes(llama_tensors(SMOL), SMOL, keep_heads=6, keep_ffn=1024)
-    assert c.shape == Shape(30, 6, 3, 64, 1024)
+    assert c.shape == Shape(30, 6, 3, 64, 1024, 576)
 
 
 def test_heads_only_search_when_architecture_cannot_prune_heads():
@@ -151,10 +151,55 @@ def test_shape_from_config_rejects_uneven_groups():
 
 
 def test_head_counts_must_divide_hidden_when_the_config_class_demands_it():
-    s = Shape(num_layers=2, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=1024)
+    s = Shape(num_layers=2, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=1024, hidden_size=4096)
     tensors = llama_tensors(s, hidden=4096, vocab=1000)
     with pytest.raises(GQAGroupingError, match="does not divide hidden_size 4096"):
-        plan_shapes(tensors, s, keep_heads=24, keep_kv_heads=8, heads_divide=4096)
-    cands = plan_shapes(tensors, s, target=0.7, heads_divide=4096)
+        plan_shapes(tensors, s, keep_heads=24, keep_kv_heads=8, heads_divide_hidden=True)
+    cands = plan_shapes(tensors, s, target=0.7, heads_divide_hidden=True)
     assert cands and all(4096 % c.shape.num_heads == 0 for c in cands)
     assert {c.shape.num_heads for c in plan_shapes(tensors, s, target=0.7)} > {c.shape.num_heads for c in cands}
+
+
+def test_hidden_size_cut_resizes_every_tensor_on_the_residual_stream():
+    after = Shape(**{**SMOL.to_dict(), "hidden_size": 384})
+    assert resized("model.embed_tokens.weight", (VOCAB, HIDDEN), SMOL, after) == (VOCAB, 384)
+    assert resized("lm_head.weight", (VOCAB, HIDDEN), SMOL, after) == (VOCAB, 384)
+    assert resized("model.norm.weight", (HIDDEN,), SMOL, after) == (384,)
+    assert resized("model.layers.3.self_attn.q_proj.weight", (576, HIDDEN), SMOL, after) == (576, 384)
+    assert resized("model.layers.3.self_attn.o_proj.weight", (HIDDEN, 576), SMOL, after) == (384, 576)
+    assert resized("model.layers.3.mlp.down_proj.weight", (HIDDEN, 1536), SMOL, after) == (384, 1536)
+    assert resized("model.layers.3.post_attention_layernorm.weight", (HIDDEN,), SMOL, after) == (384,)
+    # SmolLM2 ties its head: one (vocab x hidden) matrix, each layer: q and o, k and v, gate, up and down, two norms
+    per_layer = 576 * 384 * 2 + 192 * 384 * 2 + 1536 * 384 * 3 + 384 * 2
+    assert count_params(llama_tensors(SMOL), SMOL, after) == VOCAB * 384 + 384 + 30 * per_layer
+
+
+def test_the_search_can_cut_the_hidden_size_and_keeps_the_head_counts_the_config_accepts():
+    from serve_pruned.model.shapes import hidden_options
+
+    assert hidden_options(SMOL, 32) == [576, 512, 448, 384, 320]  # coarsened to steps of 64, down to half
+    tensors = llama_tensors(SMOL)
+    without = plan_shapes(tensors, SMOL, target=0.75, multiple_of=32, heads_divide_hidden=True)
+    with_hidden = plan_shapes(tensors, SMOL, target=0.75, multiple_of=32, heads_divide_hidden=True, search_hidden=True)
+    assert {c.shape for c in without} < {c.shape for c in with_hidden}
+    cut = [c.shape for c in with_hidden if c.shape.hidden_size < HIDDEN]
+    assert cut and all(s.hidden_size % s.num_heads == 0 for s in cut)
+    assert {s.hidden_size for s in cut} <= {512, 448, 384, 320}
+    budget = math.floor(0.75 * count_params(tensors, SMOL))
+    assert all(c.params <= budget for c in with_hidden)
+    # each is the widest FFN that fits with its hidden size: 32 more channels would break the target
+    for s in cut:
+        assert count_params(tensors, SMOL, Shape(**{**s.to_dict(), "intermediate_size": s.intermediate_size + 32})) \
+            > budget or s.intermediate_size == SMOL.intermediate_size
+
+
+def test_hidden_counts_are_checked():
+    tensors = llama_tensors(SMOL)
+    with pytest.raises(InvalidTargetError, match="--keep-hidden 500 is not a multiple of 32"):
+        plan_shapes(tensors, SMOL, keep_hidden=500, multiple_of=32)
+    with pytest.raises(GQAGroupingError, match="does not divide hidden_size 448"):
+        plan_shapes(tensors, SMOL, keep_hidden=448, keep_heads=6, multiple_of=32, heads_divide_hidden=True)
+    with pytest.raises(GQAGroupingError, match="nor the hidden size"):
+        plan_shapes(tensors, SMOL, keep_hidden=512, multiple_of=32, prune_heads=False)
+    (only,) = plan_shapes(tensors, SMOL, keep_hidden=384, multiple_of=32)
+    assert only.shape == Shape(**{**SMOL.to_dict(), "hidden_size": 384})
