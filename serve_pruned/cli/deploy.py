@@ -32,7 +32,8 @@ def render_options(fn: Any) -> Any:
         render_option("mode"),
         render_option("gpu_type", "--gpu", "gpu_type"),
         *(render_option(name) for name in (
-            "instances_per_gpu", "replicas", "namespace", "name", "max_model_len", "concurrency", "cpu_memory",
+            "instances_per_gpu", "replicas", "namespace", "name", "max_model_len", "concurrency", "kv_cache_dtype",
+            "cpu_memory",
             "sharing")),
         render_option("cache_kind", "--cache", "cache_kind"),
         *(render_option(name) for name in (

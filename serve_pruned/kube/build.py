@@ -96,7 +96,9 @@ def _vllm_container(spec: DeploySpec, i: int) -> Obj:
     v = spec.vllm
     args = vllm_args({"model": spec.model.path, "served_model_name": spec.model.repo, "host": "0.0.0.0",
                       "port": port, "dtype": v.dtype, "max_model_len": v.max_model_len,
-                      "max_num_seqs": v.max_num_seqs, "kv_cache_memory_bytes": v.kv_cache_memory_bytes,
+                      "max_num_seqs": v.max_num_seqs,
+                      "kv_cache_dtype": v.kv_cache_dtype if v.kv_cache_dtype != "auto" else None,
+                      "kv_cache_memory_bytes": v.kv_cache_memory_bytes,
                       "gpu_memory_utilization": v.gpu_memory_utilization, "enforce_eager": v.enforce_eager})
     env = {"HF_HUB_OFFLINE": "1", "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "VLLM_NO_USAGE_STATS": "1",
            "VLLM_DO_NOT_TRACK": "1", **v.env}

@@ -23,6 +23,7 @@ from serve_pruned.kube.spec import (
 from serve_pruned.serving.memory import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_MODEL_LEN,
+    KV_CACHE_DTYPE_HELP,
     MAX_INSTANCES_PER_DEVICE,
     ModelFootprint,
 )
@@ -47,6 +48,7 @@ class RenderOptions(BaseModel):
     name: str = "serve-pruned"
     max_model_len: int = Field(DEFAULT_MAX_MODEL_LEN, ge=16)
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="--max-num-seqs per instance.")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description=KV_CACHE_DTYPE_HELP)
     cpu_memory: str = Field("16GiB", description="Mode cpu: memory one pod may use.")
     sharing: Literal["time-slicing", "mps"] = Field("time-slicing", description="How the device plugin splits a "
                                                     "GPU among instances.")
@@ -97,7 +99,7 @@ def spec_from_options(o: RenderOptions) -> DeploySpec:
     spec = from_plan(
         fp, repo=repo, revision=revision, mode=mode, gpu_type=o.gpu_type if mode != "cpu" else None,
         instances_per_gpu=o.instances_per_gpu, replicas=pods, max_model_len=o.max_model_len,
-        concurrency=o.concurrency, dtype=_dtype(o.model_dir), cpu_memory_bytes=_bytes(o.cpu_memory),
+        concurrency=o.concurrency, kv_cache_dtype=o.kv_cache_dtype, dtype=_dtype(o.model_dir), cpu_memory_bytes=_bytes(o.cpu_memory),
         allow_unpinned=o.allow_unpinned, name=o.name, namespace=o.namespace, images=images, cache=cache,
         hf_token=None if o.no_hf_token else TokenSecret(name=o.hf_token_secret),
         hf_endpoint=o.hf_endpoint, autoscaling=autoscaling,

@@ -32,6 +32,7 @@ from serve_pruned.serving.memory import (
     DEFAULT_MAX_MODEL_LEN,
     GIB,
     GPUS,
+    KV_CACHE_DTYPE_HELP,
     MAX_INSTANCES_PER_DEVICE,
     MIB,
     ModelFootprint,
@@ -147,6 +148,7 @@ class VllmSpec(_Model):
     dtype: str = "auto"
     max_model_len: int = Field(default=DEFAULT_MAX_MODEL_LEN, ge=16)
     max_num_seqs: int = Field(default=DEFAULT_CONCURRENCY, ge=1)
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(default="auto", description=KV_CACHE_DTYPE_HELP)
     kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     # The planner's CUDA overhead constant is measured without CUDA graphs: keep eager so bytes hold.
@@ -295,7 +297,7 @@ def startup_seconds(weight_bytes: int) -> int:
 def from_plan(footprint: ModelFootprint, *, repo: str, revision: str, mode: Mode, gpu_type: str | None = None,
               instances_per_gpu: int | None = None, replicas: int = 1,
               max_model_len: int = DEFAULT_MAX_MODEL_LEN, concurrency: int = DEFAULT_CONCURRENCY,
-              dtype: str = "auto", cpu_memory_bytes: int = 16 * GIB,
+              dtype: str = "auto", cpu_memory_bytes: int = 16 * GIB, kv_cache_dtype: str = "auto",
               allow_unpinned: bool = False, **overrides: object) -> DeploySpec:
     """A DeploySpec whose vLLM flags and byte budgets come from the planner.
 
@@ -311,6 +313,7 @@ def from_plan(footprint: ModelFootprint, *, repo: str, revision: str, mode: Mode
         concurrency: sequences per instance (--max-num-seqs).
         dtype: vLLM --dtype.
         cpu_memory_bytes: mode cpu: the memory one pod may use (the planner's "device").
+        kv_cache_dtype: vLLM --kv-cache-dtype (fp8 halves a bf16 model's KV bytes per token: more instances fit).
         allow_unpinned: accept a branch as revision.
         **overrides: further DeploySpec fields (snake_case), e.g. namespace, monitoring, autoscaling.
 
@@ -319,7 +322,7 @@ def from_plan(footprint: ModelFootprint, *, repo: str, revision: str, mode: Mode
     """
     if mode == "cpu":
         p: Plan = plan(footprint, device="cpu", max_model_len=max_model_len, concurrency=concurrency,
-                       instances=instances_per_gpu, memory_bytes=cpu_memory_bytes)
+                       instances=instances_per_gpu, memory_bytes=cpu_memory_bytes, kv_cache_dtype=kv_cache_dtype)
         gpu_spec = None
     else:
         if not gpu_type:
@@ -328,7 +331,7 @@ def from_plan(footprint: ModelFootprint, *, repo: str, revision: str, mode: Mode
             raise UsageError(f"mode {mode} needs --gpu TYPE to size instances in bytes",
                              hint=f"one of {', '.join(GPUS)}")
         p = plan(footprint, device=gpu(gpu_type).name, max_model_len=max_model_len, concurrency=concurrency,
-                 instances=instances_per_gpu)
+                 instances=instances_per_gpu, kv_cache_dtype=kv_cache_dtype)
         gpu_spec = GpuSpec(type=gpu_type, memory_bytes=p.device_bytes)
     from serve_pruned.serving.flags import FLAG_FIELDS
 

@@ -87,7 +87,8 @@ def test_chart_lints(k8s_venv):
 
 
 SHARED = ["--mode", "shared", "--gpu", "L40S", "--instances-per-gpu", "4", "--replicas", "8", "--sharing", "mps",
-          "--service-monitor", "--prometheus-rule", "--autoscaling", "hpa", "--min-replicas", "4"]
+          "--service-monitor", "--prometheus-rule", "--autoscaling", "hpa", "--min-replicas", "4",
+          "--kv-cache-dtype", "fp8"]
 
 
 @pytest.mark.integration

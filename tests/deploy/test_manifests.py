@@ -85,6 +85,22 @@ def test_gpu_modes_are_sized_by_the_planner(footprint, mode, gpu_type, n, resour
         assert sharing == []
 
 
+def test_an_fp8_kv_cache_reaches_vllm_and_the_planner_fits_more(footprint):
+    """`--kv-cache-dtype fp8`: one byte per K/V element, so the planner fills the GPU with more instances, and
+    every container is told so (vLLM sizes its KV cache in the same dtype)."""
+    auto = from_plan(footprint, repo="my-org/smollm2", revision="v1", mode="colocated", gpu_type="L4",
+                     max_model_len=4096, concurrency=16)
+    fp8 = from_plan(footprint, repo="my-org/smollm2", revision="v1", mode="colocated", gpu_type="L4",
+                    max_model_len=4096, concurrency=16, kv_cache_dtype="fp8")
+    assert fp8.instances_per_gpu > auto.instances_per_gpu
+    assert fp8.budget.kv_cache_bytes * 2 == auto.budget.kv_cache_bytes
+    objs = build(fp8)
+    assert check(objs) == []
+    for c in vllm_containers(objs):
+        assert c["args"][c["args"].index("--kv-cache-dtype") + 1] == "fp8"
+    assert all("--kv-cache-dtype" not in c["args"] for c in vllm_containers(build(auto)))
+
+
 def test_cpu_mode_uses_vllm_cpu_and_host_memory(footprint):
     spec = spec_for(footprint, "cpu", n=2, cpu_memory_bytes=12 << 30)
     objs = build(spec)
