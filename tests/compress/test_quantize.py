@@ -46,8 +46,8 @@ def test_group_size_fails_before_any_weight_is_loaded(tiny_models, text_files, t
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a16", "fp8"])
-def test_quantized_package_is_compressed_tensors(scheme, tiny_models, text_files, tmp_path):
+@pytest.mark.parametrize(("scheme", "hidden"), [("w8a8", None), ("w4a16", None), ("fp8", None), ("w8a8", 96)])
+def test_quantized_package_is_compressed_tensors(scheme, hidden, tiny_models, text_files, tmp_path):
     from serve_pruned.compress.package import package
     from serve_pruned.compress.plan import plan_package
     from serve_pruned.model.shapes import Shape
@@ -55,13 +55,14 @@ def test_quantized_package_is_compressed_tensors(scheme, tiny_models, text_files
 
     opts = PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / scheme, keep_ffn=128, multiple_of=32,
                           quant=scheme, calib=(str(text_files["calib"]),), num_samples=8, seq_len=64,
-                          eval_text=(str(text_files["eval"]),), eval_max_tokens=512, recover=False)
+                          eval_text=(str(text_files["eval"]),), eval_max_tokens=512, recover=False,
+                          keep_hidden=hidden)
     sizer = plan_package(opts).sizer()  # what a bytes or instances target predicts for this output
     m = package(opts, progress=False).manifest.to_dict()
     cfg = json.loads((tmp_path / scheme / "config.json").read_text())
     assert sizer.weight_bytes(Shape.from_config(cfg)) == pytest.approx(m["weight_bytes"], rel=0.01)
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert cfg["intermediate_size"] == 128 and cfg["head_dim"] == 32
+    assert cfg["intermediate_size"] == 128 and cfg["head_dim"] == 32 and cfg["hidden_size"] == (hidden or 192)
     assert (tmp_path / scheme / "recipe.yaml").is_file()
     assert m["kind"] == "pruned-quantized" and m["quantization"]["scheme"] == scheme
     assert set(m["quality"]) >= {"original", "pruned", "quantized"}
