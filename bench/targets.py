@@ -51,8 +51,9 @@ def plan_rows(gpu: str, quant: str, *, more: int = 4) -> list[str]:
         cells = []
         for keep_kv in (None, before.num_kv_heads):
             try:
+                # as `package` searches a Llama: kept heads must divide the hidden size (transformers' LlamaConfig)
                 fit = fit_target(target, sizer, lambda fits, kv=keep_kv: plan_shapes(
-                    tensors, before, keep_kv_heads=kv, multiple_of=multiple, fits=fits))
+                    tensors, before, keep_kv_heads=kv, multiple_of=multiple, fits=fits, heads_divide_hidden=True))
                 c = fit.candidates[0]
                 cells.append(f"{c.fraction:.3f} (KV {c.shape.num_kv_heads}, heads {c.shape.num_heads}, FFN "
                              f"{c.shape.intermediate_size}; {fit.weight_bytes / 2**30:.1f} GiB, fits {fit.instances})")
