@@ -1,8 +1,11 @@
 """The hidden axis on SmolLM2-135M-Instruct at 0.75 + W8A8 with the default recovery budget, in one run:
 
 * ``FFN-only (default search)``: today's search (KV groups, query heads, FFN width);
-* ``search with --prune-hidden``: the same search with the hidden size allowed too;
-* ``best hidden cut, forced``: when that search still picks a full hidden size, the hidden-cut shape it ranked
+* ``search with --prune-hidden``: the same search with the hidden size allowed too. It is run first without
+  recovery or quantization, for its choice and its table: when it picks the FFN-only run's shape, every later
+  stage is the same deterministic computation as that run's, so its row is that run's; otherwise it is packaged
+  through the same recovery;
+* ``best hidden cut, forced``: when the search still picks a full hidden size, the hidden-cut shape it ranked
   best, packaged through the same recovery, so the cost of cutting the hidden axis is measured rather than
   guessed from the search's pre-recovery loss.
 
@@ -32,10 +35,11 @@ SHAPE = ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_l
 
 
 def run(src: Path, out: Path, label: str, args: argparse.Namespace, **kw) -> dict:
-    opts = PackageOptions(
-        model=str(src), out=out, quant=args.quant,
-        calib=(str(DOCS / "howto"), str(DOCS / "faq"), "generated:32"),
-        eval_text=(str(DOCS / "tutorial"),), eval_ood_text=(str(OOD),), eval_max_tokens=args.eval_tokens, **kw)
+    opts = PackageOptions(**{
+        "model": str(src), "out": out, "quant": args.quant,
+        "calib": (str(DOCS / "howto"), str(DOCS / "faq"), "generated:32"),
+        "eval_text": (str(DOCS / "tutorial"),), "eval_ood_text": (str(OOD),), "eval_max_tokens": args.eval_tokens,
+        **kw})
     t = time.perf_counter()
     m = package(opts, progress=False, log=lambda msg: print(f"  [{label}] {msg}", file=sys.stderr)).manifest.to_dict()
     q = m["quality"]
@@ -60,11 +64,17 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src = materialize(Path(tmp) / "smol")
-        rows = [run(src, Path(tmp) / "ffn", "FFN-only (default search)", args, target_params=args.target),
-                run(src, Path(tmp) / "hidden", "search with --prune-hidden", args, target_params=args.target,
-                    prune_hidden=True)]
+        rows = [run(src, Path(tmp) / "ffn", "FFN-only (default search)", args, target_params=args.target)]
+        search = run(src, Path(tmp) / "search", "search with --prune-hidden", args, target_params=args.target,
+                     prune_hidden=True, distill_steps=0, recover=False, quant="none")
         base_hidden = rows[0]["hidden_before"]
-        cut = sorted((r for r in rows[1]["search"] if r["hidden_size"] < base_hidden), key=lambda r: r["calib_loss"])
+        if search["shape"] == rows[0]["shape"]:
+            rows.append({**rows[0], "label": "search with --prune-hidden (chose the FFN-only shape: same model)"})
+        else:
+            rows.append(run(src, Path(tmp) / "hidden", "search with --prune-hidden", args,
+                            target_params=args.target, prune_hidden=True))
+        rows[-1]["search"] = search["search"]
+        cut = sorted((r for r in search["search"] if r["hidden_size"] < base_hidden), key=lambda r: r["calib_loss"])
         if rows[1]["shape"]["hidden_size"] == base_hidden and cut:
             best = cut[0]
             rows.append(run(src, Path(tmp) / "forced", "best hidden cut, forced", args, keep_hidden=best["hidden_size"],
