@@ -42,13 +42,18 @@ def run(src: Path, out: Path, label: str, args: argparse.Namespace, **kw) -> dic
         **kw})
     t = time.perf_counter()
     m = package(opts, progress=False, log=lambda msg: print(f"  [{label}] {msg}", file=sys.stderr)).manifest.to_dict()
+    return row(m, label, time.perf_counter() - t)
+
+
+def row(m: dict, label: str, seconds: float) -> dict:
+    """One table row from a package run's manifest."""
     q = m["quality"]
     final = q.get("quantized") or q.get("recovered") or q["pruned"]
     return {"label": label, "shape": m["shape_after"], "fraction": m["params_fraction"], "bytes": m["weight_bytes"],
             "ppl": final["perplexity"], "ood": final["out_of_domain"]["perplexity"],
             "facts": final["prompts"]["prefix_agreement"], "orig": q["original"],
             "hidden_before": m["shape_before"]["hidden_size"],
-            "search": (m.get("pruning") or {}).get("shape_search") or [], "seconds": time.perf_counter() - t}
+            "search": (m.get("pruning") or {}).get("shape_search") or [], "seconds": seconds}
 
 
 def shape_text(s: dict) -> str:
@@ -80,6 +85,10 @@ def main() -> None:
             rows.append(run(src, Path(tmp) / "forced", "best hidden cut, forced", args, keep_hidden=best["hidden_size"],
                             keep_heads=best["num_heads"], keep_kv_heads=best["num_kv_heads"],
                             keep_ffn=best["intermediate_size"]))
+    publish("hidden", section(rows, args))
+
+
+def section(rows: list[dict], args: argparse.Namespace, note: str = "") -> list[str]:
     orig = rows[0]["orig"]
     lines = [f"SmolLM2-135M-Instruct at {args.target} of its parameters + {args.quant.upper()}, default recovery "
              f"(refit, then distillation), calibration on Python's HOWTOs and FAQ plus 32 generated texts; "
@@ -97,7 +106,7 @@ def main() -> None:
     for s in sorted(rows[1]["search"], key=lambda r: r["calib_loss"]):
         lines.append(f"| {s['hidden_size']} | {s['num_heads']} / {s['num_kv_heads']} | {s['intermediate_size']} | "
                      f"{s['fraction']:.3f} | {s['calib_loss']:.3f} |")
-    publish("hidden", lines)
+    return lines + (["", note] if note else [])
 
 
 if __name__ == "__main__":
