@@ -66,9 +66,11 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.75)
     ap.add_argument("--quant", default="w8a8")
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--source", type=Path, help="an already materialized SmolLM2 folder: recovery checkpoints are "
+                    "keyed by the source's path too, so a rerun on the same folder resumes them")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        src = materialize(Path(tmp) / "smol")
+        src = args.source or materialize(Path(tmp) / "smol")
         rows = [run(src, Path(tmp) / "ffn", "FFN-only (default search)", args, target_params=args.target)]
         search = run(src, Path(tmp) / "search", "search with --prune-hidden", args, target_params=args.target,
                      prune_hidden=True, distill_steps=0, recover=False, quant="none")
