@@ -52,7 +52,7 @@ def row(m: dict, label: str, seconds: float) -> dict:
     return {"label": label, "shape": m["shape_after"], "fraction": m["params_fraction"], "bytes": m["weight_bytes"],
             "ppl": final["perplexity"], "ood": final["out_of_domain"]["perplexity"],
             "facts": final["prompts"]["prefix_agreement"], "orig": q["original"],
-            "hidden_before": m["shape_before"]["hidden_size"],
+            "hidden_before": m["shape_before"]["hidden_size"], "scorer": (m.get("pruning") or {}).get("scorer"),
             "search": (m.get("pruning") or {}).get("shape_search") or [], "seconds": seconds}
 
 
@@ -73,7 +73,8 @@ def main() -> None:
         src = args.source or materialize(Path(tmp) / "smol")
         rows = [run(src, Path(tmp) / "ffn", "FFN-only (default search)", args, target_params=args.target)]
         search = run(src, Path(tmp) / "search", "search with --prune-hidden", args, target_params=args.target,
-                     prune_hidden=True, distill_steps=0, recover=False, quant="none")
+                     prune_hidden=True, distill_steps=0, recover=False, quant="none",
+                     scorer=rows[0]["scorer"])  # auto would not take obs without the refit: score as that run did
         base_hidden = rows[0]["hidden_before"]
         if search["shape"] == rows[0]["shape"]:
             rows.append({**rows[0], "label": "search with --prune-hidden (chose the FFN-only shape: same model)"})
