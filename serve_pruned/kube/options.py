@@ -99,7 +99,8 @@ def spec_from_options(o: RenderOptions) -> DeploySpec:
     spec = from_plan(
         fp, repo=repo, revision=revision, mode=mode, gpu_type=o.gpu_type if mode != "cpu" else None,
         instances_per_gpu=o.instances_per_gpu, replicas=pods, max_model_len=o.max_model_len,
-        concurrency=o.concurrency, kv_cache_dtype=o.kv_cache_dtype, dtype=_dtype(o.model_dir), cpu_memory_bytes=_bytes(o.cpu_memory),
+        concurrency=o.concurrency, kv_cache_dtype=o.kv_cache_dtype, dtype=_dtype(o.model_dir),
+        cpu_memory_bytes=_bytes(o.cpu_memory),
         allow_unpinned=o.allow_unpinned, name=o.name, namespace=o.namespace, images=images, cache=cache,
         hf_token=None if o.no_hf_token else TokenSecret(name=o.hf_token_secret),
         hf_endpoint=o.hf_endpoint, autoscaling=autoscaling,
