@@ -21,7 +21,7 @@ from serve_pruned.compress.size_target import Sizer, TargetFit, fit_target
 from serve_pruned.errors import CalibrationDataError, InvalidTargetError, UsageError
 from serve_pruned.manifest import PACKAGE_OWNER
 from serve_pruned.model.arch import ArchSupport, support_for
-from serve_pruned.model.config import config_dtype, config_int
+from serve_pruned.model.config import config_dtype
 from serve_pruned.model.shapes import Candidate, Shape, count_params, plan_shapes
 from serve_pruned.model.source import ModelSource, resolve_model
 from serve_pruned.options import PackageOptions, SizeTarget
@@ -36,7 +36,6 @@ class PackagePlan:
     src: ModelSource
     support: ArchSupport
     before: Shape
-    hidden: int
     total: int  # parameters of the source
     candidates: list[Candidate]
     calib: list[TextSource]
@@ -103,7 +102,7 @@ def plan_package(opts: PackageOptions) -> PackagePlan:
     support = support_for(src.config)  # an unsupported architecture says so before its config is read further
     before = Shape.from_config(src.config)
     plan = PackagePlan(opts=opts, out=out, src=src, support=support, before=before,
-                       hidden=config_int(src.config, "hidden_size"), total=count_params(src.shapes(), before),
+                       total=count_params(src.shapes(), before),
                        candidates=[], calib=[], eval=[], ood=[], license_id=None)
     plan.candidates = _candidates(plan)
     for cand in plan.candidates:  # a group size that cannot work fails now, not after minutes of work

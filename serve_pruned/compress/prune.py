@@ -13,6 +13,7 @@ from serve_pruned.compress.weights import ModuleTensors, Tensors
 from serve_pruned.model.shapes import LAYER_NORMS, Shape, resizing, split_layer_name
 
 FINAL_NORM = "model.norm.weight"
+_NORM_WEIGHTS = {f"{norm}.weight": k for k, norm in enumerate(LAYER_NORMS)}  # a layer's norm -> its norm_scales slot
 
 
 def _channel_index(units: list[int], width: int) -> torch.Tensor:
@@ -64,8 +65,8 @@ class PrunedTensors:
             return None
         if layer is None:
             return scales[-1][0] if name == FINAL_NORM else None
-        norm = rest.removesuffix(".weight")
-        return scales[layer][LAYER_NORMS.index(norm)] if norm in LAYER_NORMS and rest.endswith(".weight") else None
+        slot = _NORM_WEIGHTS.get(rest)
+        return scales[layer][slot] if slot is not None else None
 
     def _indices(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._index:
