@@ -201,8 +201,8 @@ class QualityGuardError(ServePrunedError, ValueError):
 
     def __init__(self, guard: str, frontier: list[str]) -> None:
         super().__init__(f"no candidate kept {guard}; measured: " + "; ".join(frontier) + "; nothing was written",
-                         hint="loosen --max-ppl-ratio, add weaker --guard-fractions (e.g. 0.9), recover more "
-                              "(--distill-steps), or quantize less (--quant w8a8 / none)")
+                         hint="loosen --max-ppl-ratio, add weaker --guard-fractions (closer to 1, e.g. 0.95), recover "
+                              "more (--distill-steps), or quantize less (w4a16 -> w8a8 -> --quant none)")
         self.guard = guard
         self.frontier = frontier
 
