@@ -1,17 +1,24 @@
-"""The quality / size frontier of SmolLM2-135M-Instruct: perplexity against kept parameters (0.9, 0.8, 0.75,
-0.6), without recovery, with one-shot pruning + recovery, and with iterative pruning + the same recovery
-budget; held out in domain (Python tutorial) and out of domain (GPL-3). Writes a table into
-docs/benchmarks.md and the plot docs/frontier.png.
+"""The size / quality frontier of SmolLM2-135M-Instruct: kept parameters (0.9, 0.8, 0.75, 0.6) x quantization
+(none, W8A8, W4A16), quantization alone and the original, each packaged with today's defaults: weight bytes on disk
+against perplexity held out (Python tutorial) and out of domain (GPL-3), and fact prompts. The points no other
+point beats on both bytes and held-out perplexity form the Pareto front, marked in the table and in
+docs/frontier.png.
 
-    .venv/bin/python bench/frontier.py [--distill-steps 60] [--targets 0.9 0.8 0.75 0.6]
+    .venv/bin/python bench/frontier.py [--fractions 0.9 0.8 0.75 0.6] [--quants none w8a8 w4a16]
+                                       [--distill-steps N] [--num-samples N] [--eval-tokens N]
+
+The cuts of one fraction share one recovery: the run with the first scheme prunes and recovers, the others reuse its
+checkpoint (the run key leaves quantization out), so their times are quantization and evaluation only.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,95 +27,146 @@ from _report import DOC, DOCS, OOD, publish  # noqa: E402
 
 from serve_pruned.compress.example_model import materialize  # noqa: E402
 from serve_pruned.compress.package import package  # noqa: E402
-from serve_pruned.compress.steps import step_targets  # noqa: E402
 from serve_pruned.options import PackageOptions  # noqa: E402
 
 PLOT = DOC.parent / "frontier.png"
-VARIANTS = {"no recovery": dict(recover=False, schedule="one-shot"),
-            "one-shot + recovery": dict(schedule="one-shot"),
-            "iterative + recovery": dict(schedule="iterative")}
+DEFAULTS = PackageOptions.model_fields
 
 
-def run(src: Path, out: Path, target: float, variant: str, args: argparse.Namespace) -> dict:
+@dataclass
+class Point:
+    fraction: float | None  # None: not pruned
+    quant: str
+    kept: float
+    shape: dict
+    disk_bytes: int
+    ppl: float
+    ood: float
+    facts: float
+    seconds: float
+    front: bool = False
+
+    @property
+    def name(self) -> str:
+        cut = f"{self.fraction:g}" if self.fraction is not None else "unpruned"
+        return f"{cut} + {self.quant}" if self.quant != "none" else cut
+
+
+def run(src: Path, out: Path, fraction: float | None, quant: str, args: argparse.Namespace) -> tuple[Point, dict]:
     opts = PackageOptions(
-        model=str(src), out=out, target_params=target, calib=(str(DOCS / "howto"), str(DOCS / "faq"), "generated:32"),
-        num_samples=args.num_samples, distill_steps=args.distill_steps, eval_text=(str(DOCS / "tutorial"),),
-        eval_ood_text=(str(OOD),), eval_max_tokens=args.eval_tokens, eval_baseline=True, **VARIANTS[variant])
+        model=str(src), out=out, target_params=fraction, quant=quant,
+        calib=(str(DOCS / "howto"), str(DOCS / "faq"), "generated:32"), num_samples=args.num_samples,
+        distill_steps=args.distill_steps, eval_text=(str(DOCS / "tutorial"),), eval_ood_text=(str(OOD),),
+        eval_max_tokens=args.eval_tokens)
     t = time.perf_counter()
-    result = package(opts, progress=False, log=lambda msg: print(f"  [{target} {variant}] {msg}", file=sys.stderr))
+    result = package(opts, progress=False, log=lambda msg: print(f"  [{fraction} {quant}] {msg}", file=sys.stderr))
+    seconds = time.perf_counter() - t
     m = result.manifest.to_dict()
     q = m["quality"]
-    final = q["recovered"] if "recovered" in q else q["pruned"]
-    return {"fraction": m["params_fraction"], "ppl": final["perplexity"], "ood": final["out_of_domain"]["perplexity"],
-            "orig": q["original"]["perplexity"], "orig_ood": q["original"]["out_of_domain"]["perplexity"],
-            "facts": final["prompts"]["prefix_agreement"], "shape": m["shape_after"],
-            "steps": len(m["recovery"].get("steps") or [1]), "seconds": time.perf_counter() - t}
+    final = next(q[s] for s in ("quantized", "recovered", "pruned") if s in q)
+    disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    point = Point(fraction, quant, m["params_fraction"], m["shape_after"], disk, final["perplexity"],
+                  final["out_of_domain"]["perplexity"], final["prompts"]["prefix_agreement"], seconds)
+    return point, q["original"]
 
 
-def plot(results: dict[tuple[float, str], dict], orig: tuple[float, float]) -> None:
+def original_point(src: Path, original: dict) -> Point:
+    disk = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    return Point(None, "none", 1.0, {}, disk, original["perplexity"], original["out_of_domain"]["perplexity"],
+                 original["prompts"]["prefix_agreement"], 0.0)
+
+
+def mark_front(points: list[Point]) -> None:
+    """A point is on the front when no other has fewer (or equal) bytes and a lower (or equal) held-out
+    perplexity, one of them strictly."""
+    for p in points:
+        p.front = not any(o is not p and o.disk_bytes <= p.disk_bytes and o.ppl <= p.ppl
+                          and (o.disk_bytes < p.disk_bytes or o.ppl < p.ppl) for o in points)
+
+
+def plot(points: list[Point]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for ax, key, base, title in ((axes[0], "ppl", orig[0], "held out, in domain (Python tutorial)"),
-                                 (axes[1], "ood", orig[1], "out of domain (GPL-3)")):
-        for variant, style in zip(VARIANTS, ("o:", "s--", "^-"), strict=True):
-            pts = sorted((r["fraction"], r[key]) for (_t, v), r in results.items() if v == variant)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=variant)
+    orig = next(p for p in points if p.fraction is None and p.quant == "none")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+    markers = {"none": "o", "w8a8": "s", "w4a16": "^"}
+    for ax, key, title in ((axes[0], "ppl", "held out, in domain (Python tutorial)"),
+                           (axes[1], "ood", "out of domain (GPL-3)")):
+        for quant, marker in markers.items():
+            pts = [p for p in points if p.quant == quant]
+            ax.scatter([p.disk_bytes / 2**20 for p in pts], [getattr(p, key) for p in pts], marker=marker,
+                       label=f"quant {quant}", zorder=3)
+            for p in pts:
+                ax.annotate(f"{p.fraction:g}" if p.fraction is not None else "1", (p.disk_bytes / 2**20,
+                            getattr(p, key)), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        front = sorted((p for p in points if p.front), key=lambda p: p.disk_bytes)
+        ax.plot([p.disk_bytes / 2**20 for p in front], [getattr(p, key) for p in front], "k-", lw=1, alpha=0.6,
+                label="Pareto front (held out)", zorder=2)
+        base = getattr(orig, key)
         ax.axhline(base, color="grey", lw=0.8)
         ax.text(0.99, base, f"original {base:.2f}", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
                 fontsize=8, color="grey")
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("fraction of parameters kept")
+        ax.set_xlabel("weight bytes on disk (MiB)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("perplexity (log scale)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct: quality against size (serve-pruned)", fontsize=11)
+    fig.suptitle("SmolLM2-135M-Instruct: quality against bytes (serve-pruned; labels: kept parameters)", fontsize=11)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 
 
+def section(points: list[Point], args: argparse.Namespace) -> list[str]:
+    orig = next(p for p in points if p.fraction is None and p.quant == "none")
+    lines = ["## Frontier: bytes on disk against quality, pruning x quantization", "",
+             f"SmolLM2-135M-Instruct, today's defaults (one-shot, refit, distillation, search over heads and FFN) "
+             f"but for the budget: {args.distill_steps} distillation steps, {args.num_samples} calibration samples "
+             f"(Python HOWTOs + FAQ + 32 generated texts), perplexity on {args.eval_tokens} tokens of the Python "
+             f"tutorial (held out) and of GPL-3 (out of domain). Front: no other point has fewer bytes and a lower "
+             f"held-out perplexity. Plot: [frontier.png](frontier.png).", "",
+             "| candidate | kept | shape (layers/heads/kv/ffn) | bytes on disk | ppl held out | x orig "
+             "| ppl out of domain | x orig | fact prompts | front | time |", "|---" * 11 + "|"]
+    for p in sorted(points, key=lambda p: p.disk_bytes):
+        s = p.shape or {}
+        shape = (f"{s['num_layers']}/{s['num_heads']}/{s['num_kv_heads']}/{s['intermediate_size']}" if s else
+                 "original")
+        lines.append(f"| {p.name if p is not orig else 'original (bf16)'} | {p.kept:.3f} | {shape} | "
+                     f"{p.disk_bytes / 2**20:.1f} MiB | {p.ppl:.2f} | {p.ppl / orig.ppl:.2f} | {p.ood:.2f} | "
+                     f"{p.ood / orig.ood:.2f} | {p.facts:.2f} | {'yes' if p.front else ''} | "
+                     f"{p.seconds:.0f} s |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.8, 0.75, 0.6])
-    ap.add_argument("--distill-steps", type=int, default=60)
-    ap.add_argument("--num-samples", type=int, default=32)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.9, 0.8, 0.75, 0.6])
+    ap.add_argument("--quants", nargs="+", default=["none", "w8a8", "w4a16"])
+    ap.add_argument("--distill-steps", type=int, default=DEFAULTS["distill_steps"].default)
+    ap.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"].default)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
     args = ap.parse_args()
-    results: dict[tuple[float, str], dict] = {}
+    points: list[Point] = []
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SERVE_PRUNED_CACHE"] = str(Path(tmp) / "cache")  # a clean cache: every recovery is measured
         src = materialize(Path(tmp) / "smol")
-        for target in args.targets:
-            for variant in VARIANTS:
-                if variant == "iterative + recovery" and len(step_targets(target, 0.125)) == 1:
-                    results[(target, variant)] = results[(target, "one-shot + recovery")]  # one step either way
-                    continue
-                results[(target, variant)] = run(src, Path(tmp) / f"{target}-{len(results)}", target, variant, args)
-                r = results[(target, variant)]
-                print(f"{target} {variant}: {r['fraction']:.3f} ppl {r['ppl']:.2f} ood {r['ood']:.2f} "
-                      f"({r['seconds']:.0f} s)", file=sys.stderr)
-    any_r = next(iter(results.values()))
-    orig = (any_r["orig"], any_r["orig_ood"])
-    plot(results, orig)
-    budget = args.distill_steps * 4 * 256
-    lines = ["## Frontier: perplexity against kept parameters, with and without recovery, one-shot vs iterative", "",
-             f"SmolLM2-135M-Instruct; calibration Python HOWTOs + FAQ + 32 generated texts ({args.num_samples} x 512 "
-             f"tokens for scores, search and refit); recovery = refit + {args.distill_steps} distillation steps "
-             f"({budget:,} tokens) in all, the same budget for one-shot and iterative (steps of at most 12.5% of the "
-             f"parameters); perplexity on {args.eval_tokens} tokens of the Python tutorial (held out) and of GPL-3 "
-             f"(out of domain). Original: {orig[0]:.2f} / {orig[1]:.2f}. Plot: [frontier.png](frontier.png).", "",
-             "| target | kept | shape (layers/heads/kv/ffn) | variant | steps | ppl held out | x orig "
-             "| ppl out of domain | x orig | fact prompts | time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (target, variant), r in results.items():
-        s = r["shape"]
-        lines.append(f"| {target} | {r['fraction']:.3f} | {s['num_layers']}/{s['num_heads']}/{s['num_kv_heads']}/"
-                     f"{s['intermediate_size']} | {variant} | {r['steps']} | {r['ppl']:.2f} | {r['ppl'] / orig[0]:.2f} "
-                     f"| {r['ood']:.2f} | {r['ood'] / orig[1]:.2f} | {r['facts']:.2f} | {r['seconds']:.0f} s |")
-    publish("frontier", lines)
+        original = None
+        for fraction in [*args.fractions, None]:
+            for quant in args.quants:
+                if fraction is None and quant == "none":
+                    continue  # the original itself
+                point, original = run(src, Path(tmp) / f"{fraction}-{quant}", fraction, quant, args)
+                points.append(point)
+                print(f"{point.name}: {point.disk_bytes / 2**20:.1f} MiB ppl {point.ppl:.2f} ood {point.ood:.2f} "
+                      f"({point.seconds:.0f} s)", file=sys.stderr)
+        assert original is not None, "no candidate ran"
+        points.append(original_point(src, original))
+    mark_front(points)
+    plot(points)
+    publish("frontier", section(points, args))
 
 
 if __name__ == "__main__":

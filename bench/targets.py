@@ -91,7 +91,8 @@ def fp8_kv_serve(src: Path) -> str:
     from serve_pruned.errors import VLLMStartError
     from serve_pruned.serving.vllm import VLLMServer, free_port
 
-    ids = eval_tokens(load_tokenizer(src), read_sources([str(DOCS / "tutorial")]), max_tokens=4096)
+    tokenizer = load_tokenizer(src, trust_remote_code=False)
+    ids = eval_tokens(tokenizer, read_sources([str(DOCS / "tutorial")]), max_tokens=4096)
     ppl = {}
     for kv in ("auto", "fp8"):
         server = VLLMServer(str(src), free_port(), max_model_len=1024, args=["--kv-cache-dtype", kv])
