@@ -123,7 +123,8 @@ class PackageOptions(BaseModel):
                                description="Context length each instance serves (--target-instances).")
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="Sequences per instance (--target-instances).")
     kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description=KV_CACHE_DTYPE_HELP + " Sizes "
-                                                   "--target-instances.")
+                                                   "--target-instances; with --quant, fp8 also calibrates the KV "
+                                                   "cache's scales into the checkpoint (llmcompressor).")
     keep_heads: int | None = Field(None, description="Query heads per layer to keep.")
     keep_kv_heads: int | None = Field(None, description="KV heads (groups) per layer to keep.")
     keep_ffn: int | None = Field(None, description="FFN channels per layer to keep.")

@@ -79,7 +79,8 @@ class PackagePlan:
         return self.scorer
 
     def quantization(self, shape: Shape) -> QuantPlan | None:
-        return plan_quantization(self.opts.quant, quantized_widths(shape), group_size=self.opts.group_size)
+        return plan_quantization(self.opts.quant, quantized_widths(shape), group_size=self.opts.group_size,
+                                 kv_cache=self.opts.kv_cache_dtype)
 
     def sizer(self) -> Sizer:
         """What an output of a given shape weighs, with this run's quantization and save dtype."""

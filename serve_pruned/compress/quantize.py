@@ -9,6 +9,11 @@ Schemes:
           128 fails on hidden 576).
 ``fp8``   FP8 weights (per channel) and dynamic per-token FP8 activations (FP8_DYNAMIC); no data.
 
+With ``kv_cache="fp8"`` (``--kv-cache-dtype fp8``) llmcompressor also calibrates one static FP8 scale per layer
+for the keys and one for the values on the same data; they are saved in the checkpoint (``k_scale`` / ``v_scale``,
+``kv_cache_scheme`` in its config), where vLLM reads them when it serves with ``--kv-cache-dtype fp8`` (without
+them it takes 1.0).
+
 ``lm_head`` stays in 16 bits (vLLM's default for these schemes). The llmcompressor recipe is saved
 beside the weights as ``recipe.yaml``.
 """
@@ -24,6 +29,8 @@ from serve_pruned.errors import UsageError
 
 SCHEMES = ("none", "w8a8", "w4a16", "fp8")
 GROUP_SIZES = (128, 64, 32)
+# Static per-tensor FP8 (E4M3) for the keys and values, the scheme vLLM's FP8 KV cache reads scales for.
+FP8_KV = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
 
 
 @dataclass(frozen=True)
@@ -34,15 +41,19 @@ class QuantPlan:
     group_size: int | None = None
     smoothing_strength: float = 0.8
     needs_data: bool = True
+    kv_cache: str = "auto"  # fp8: calibrated FP8 scales for the KV cache in the checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme, "group_size": self.group_size, "format": "compressed-tensors",
                 "ignore": ["lm_head"], **({"smoothing_strength": self.smoothing_strength}
-                                          if self.scheme == "w8a8" else {})}
+                                          if self.scheme == "w8a8" else {}),
+                **({"kv_cache": self.kv_cache} if self.kv_cache != "auto" else {})}
 
 
-def plan_quantization(scheme: str, in_widths: Iterable[int], *, group_size: int | None = None) -> QuantPlan | None:
-    """Validate a scheme against the layer input widths (hidden, heads x head_dim, FFN) it will quantize.
+def plan_quantization(scheme: str, in_widths: Iterable[int], *, group_size: int | None = None,
+                      kv_cache: str = "auto") -> QuantPlan | None:
+    """Validate a scheme against the layer input widths (hidden, heads x head_dim, FFN) it will quantize
+    (``kv_cache="fp8"``: and calibrate the KV cache's FP8 scales with it).
 
     Raises:
         UsageError: unknown scheme, or a W4A16 group size that does not divide every width.
@@ -60,30 +71,32 @@ def plan_quantization(scheme: str, in_widths: Iterable[int], *, group_size: int 
                 raise UsageError(
                     f"W4A16 group size {group_size} does not divide layer input width(s) {bad}",
                     hint=f"omit --group-size to derive it, or choose one dividing {widths}")
-            return QuantPlan("w4a16", group_size=group_size)
+            return QuantPlan("w4a16", group_size=group_size, kv_cache=kv_cache)
         for g in GROUP_SIZES:
             if all(w % g == 0 for w in widths):
-                return QuantPlan("w4a16", group_size=g)
+                return QuantPlan("w4a16", group_size=g, kv_cache=kv_cache)
         raise UsageError(f"no W4A16 group size in {GROUP_SIZES} divides the layer widths {widths}",
                          hint="prune to sizes that are multiples of 32 (--multiple-of)")
     if group_size is not None:
         raise UsageError(f"--group-size only applies to w4a16, not {scheme}")
-    return QuantPlan(scheme, needs_data=scheme != "fp8")
+    return QuantPlan(scheme, needs_data=scheme != "fp8" or kv_cache == "fp8", kv_cache=kv_cache)
 
 
 def _modifiers(plan: QuantPlan) -> list[Any]:
+    from compressed_tensors.quantization import QuantizationArgs
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    kv = QuantizationArgs(**FP8_KV) if plan.kv_cache == "fp8" else None
     if plan.scheme == "fp8":
-        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"], kv_cache_scheme=kv)]
     if plan.scheme == "w8a8":
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
         return [SmoothQuantModifier(smoothing_strength=plan.smoothing_strength),
-                GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+                GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], kv_cache_scheme=kv)]
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": plan.group_size}
     return [GPTQModifier(targets="Linear", ignore=["lm_head"],
-                         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})]
+                         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, kv_cache_scheme=kv)]
 
 
 def apply_quantization(model: Any, tokenizer: Any, plan: QuantPlan, samples: Any) -> list[Any]:

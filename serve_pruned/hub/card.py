@@ -91,7 +91,8 @@ def render_card(body: dict[str, Any], *, name: str, repo_id: str | None = None) 
         f"| FFN width | {b['intermediate_size']} | {a['intermediate_size']} |",
         *([f"| hidden size | {b['hidden_size']} | {a['hidden_size']} |"] if "hidden_size" in a else []),
         f"| quantization | – | {quant['scheme'] if quant else 'none'}"
-        + (f" (group {quant['group_size']})" if quant and quant.get("group_size") else "") + " |",
+        + (f" (group {quant['group_size']})" if quant and quant.get("group_size") else "")
+        + ("; FP8 KV-cache scales calibrated" if quant and quant.get("kv_cache") == "fp8" else "") + " |",
         "",
         "## How it was made", "",
     ]
@@ -121,13 +122,14 @@ def render_card(body: dict[str, Any], *, name: str, repo_id: str | None = None) 
                      "original's; fact prompts compare greedy continuations with the original's.")
         lines.append("")
     lines += _table(q)
+    kv = " --kv-cache-dtype fp8" if quant and quant.get("kv_cache") == "fp8" else ""  # reads the scales in here
     lines += [
         "", "## Serve it", "", "```bash",
-        f"vllm serve {where} --max-model-len 4096",
+        f"vllm serve {where} --max-model-len 4096{kv}",
         "```", "",
         "To pack several instances on one GPU, let serve-pruned size them in bytes:", "", "```bash",
-        f"serve-pruned plan {where} --gpu H100-80GB --max-model-len 4096 --concurrency 16",
-        f"serve-pruned serve {where} --instances 2",
+        f"serve-pruned plan {where} --gpu H100-80GB --max-model-len 4096 --concurrency 16{kv}",
+        f"serve-pruned serve {where} --instances 2{kv}",
         "```", "",
         "Every file's sha256 is in `serve_pruned.json`; `serve-pruned pull` checks them.", "",
     ]

@@ -155,3 +155,36 @@ def test_a_weight_bytes_target_packages_the_widest_shape_under_it(tiny_models, t
         wider = dataclasses.replace(chosen, intermediate_size=chosen.intermediate_size + opts.ffn_multiple)
         assert sizer.weight_bytes(wider) > 1_000_000
     assert m.options["target_weight_bytes"] is None and 0 < m.options["target_params"] < 1  # as the search used it
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8"])
+def test_fp8_kv_cache_scales_are_calibrated_into_the_checkpoint(scheme, tiny_models, text_files, tmp_path):
+    from safetensors import safe_open
+
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    out = tmp_path / scheme
+    opts = PackageOptions(model=str(tiny_models["llama"]), out=out, keep_ffn=128, multiple_of=32, quant=scheme,
+                          kv_cache_dtype="fp8", calib=(str(text_files["calib"]),), num_samples=8, seq_len=64,
+                          recover=False)
+    m = package(opts, progress=False).manifest.to_dict()
+    assert m["quantization"]["kv_cache"] == "fp8"
+    kv = json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
+    assert (kv["num_bits"], kv["type"], kv["strategy"], kv["dynamic"]) == (8, "float", "tensor", False)
+    scales = {}
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            scales.update({k: st.get_tensor(k) for k in st.keys() if k.endswith(("k_scale", "v_scale"))})
+    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert len(scales) == 2 * layers
+    # calibrated on the data: finite, positive and not vLLM's uncalibrated 1.0
+    assert all(t.numel() == 1 and 0 < float(t) < 1e3 and float(t) != 1.0 for t in scales.values())
+
+
+def test_without_fp8_kv_the_checkpoint_has_no_kv_scales():
+    from serve_pruned.compress.quantize import plan_quantization
+
+    assert "kv_cache" not in plan_quantization("w8a8", [192, 128]).to_dict()
+    assert plan_quantization("fp8", [192]).needs_data is False
+    assert plan_quantization("fp8", [192], kv_cache="fp8").needs_data is True  # the scales need calibration text

