@@ -97,6 +97,9 @@ bench: setup setup-bench
 	$(PY) bench/torch_pruning.py
 	$(PY) bench/scale.py --depths 4,8,16,22 --scorer activation --samples 4 --serve
 	$(PY) bench/obs_cost.py
+	$(PY) bench/targets.py
+	$(PY) bench/hidden.py
+	$(PY) bench/guard.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache
