@@ -64,8 +64,8 @@ def run(src: Path, out: Path, fraction: float | None, quant: str, args: argparse
     m = result.manifest.to_dict()
     q = m["quality"]
     final = next(q[s] for s in ("quantized", "recovered", "pruned") if s in q)
-    disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    point = Point(fraction, quant, m["params_fraction"], m["shape_after"], disk, final["perplexity"],
+    # the manifest's weight_bytes is the size of the written safetensors files
+    point = Point(fraction, quant, m["params_fraction"], m["shape_after"], m["weight_bytes"], final["perplexity"],
                   final["out_of_domain"]["perplexity"], final["prompts"]["prefix_agreement"], seconds)
     return point, q["original"]
 

@@ -71,6 +71,7 @@ def render_card(body: dict[str, Any], *, name: str, repo_id: str | None = None) 
     src = body.get("source") or {}
     b, a = body["shape_before"], body["shape_after"]
     quant = body.get("quantization")
+    kv = " --kv-cache-dtype fp8" if quant and quant.get("kv_cache") == "fp8" else ""  # vLLM reads the scales in here
     q = body.get("quality") or {}
     rec = body.get("recovery") or {}
     where = repo_id or f"./{name}"
@@ -92,7 +93,7 @@ def render_card(body: dict[str, Any], *, name: str, repo_id: str | None = None) 
         *([f"| hidden size | {b['hidden_size']} | {a['hidden_size']} |"] if "hidden_size" in a else []),
         f"| quantization | – | {quant['scheme'] if quant else 'none'}"
         + (f" (group {quant['group_size']})" if quant and quant.get("group_size") else "")
-        + ("; FP8 KV-cache scales calibrated" if quant and quant.get("kv_cache") == "fp8" else "") + " |",
+        + ("; FP8 KV-cache scales calibrated" if kv else "") + " |",
         "",
         "## How it was made", "",
     ]
@@ -122,7 +123,6 @@ def render_card(body: dict[str, Any], *, name: str, repo_id: str | None = None) 
                      "original's; fact prompts compare greedy continuations with the original's.")
         lines.append("")
     lines += _table(q)
-    kv = " --kv-cache-dtype fp8" if quant and quant.get("kv_cache") == "fp8" else ""  # reads the scales in here
     lines += [
         "", "## Serve it", "", "```bash",
         f"vllm serve {where} --max-model-len 4096{kv}",
