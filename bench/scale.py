@@ -224,7 +224,12 @@ def depth_table(args: argparse.Namespace) -> None:
             if args.before:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],
                                check=False)
-    layer_gib = (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 5632) * 4 / 2**30  # q, o; k, v; gate, up, down
+    from serve_pruned.compress.memory_plan import DTYPE_BYTES
+    from serve_pruned.options import PackageOptions
+
+    compute = PackageOptions.model_fields["compute_dtype"].default  # the runs pass none: the package default
+    layer_params = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 5632  # q, o; k, v; gate, up, down
+    layer_gib = layer_params * DTYPE_BYTES[compute] / 2**30
     head = ("| layers | parameters | " + " | ".join(f"{n}: peak RSS (GiB) | {n}: wall (s)" for n in codes)
             + " | this commit: peak RSS growth from the row above (GiB) | wall per layer (s) |")
     lines = [head, "|" + "---|" * (4 + 2 * len(codes))]
@@ -243,20 +248,21 @@ def depth_table(args: argparse.Namespace) -> None:
         t = row["this commit"]["stages"]
         lines.append(f"| {row['depth']} | " + " | ".join(f"{t.get(s, 0):.0f}" for s in stages) + " |")
     stages = [s for s in stages if s.removesuffix("_s") in rows[-1]["this commit"]["peaks"]]
-    lines += ["", "Peak RSS of each stage of this commit, measured (sampled every 20 ms) / what the memory plan "
-              "predicted before loading, GiB:", "",
+    lines += ["", "Peak RSS of each stage of this commit, measured (sampled every 20 ms; in brackets its anonymous "
+              "part, without the pages of mapped files the kernel may drop) / what the memory plan predicted before "
+              "loading, GiB:", "",
               "| layers | " + " | ".join(s.removesuffix("_s") for s in stages) + " | whole run: measured / plan |",
               "|" + "---|" * (2 + len(stages))]
     for row in rows:
         r = row["this commit"]
-        p, plan = r["peaks"], r["plan"]
-        cells = [f"{p.get(k, 0):.2f} / {plan[k]:.2f}" if k in plan else f"{p.get(k, 0):.2f}"
+        p, anon, plan = r["peaks"], r["anon"], r["plan"]
+        cells = [f"{p.get(k, 0):.2f} ({anon.get(k, 0):.2f})" + (f" / {plan[k]:.2f}" if k in plan else "")
                  for k in (s.removesuffix("_s") for s in stages)]
         whole = f"{r['rss']:.2f} / {max(plan.values()):.2f} ({r['rss'] / max(plan.values()) - 1:+.0%})" if plan else ""
         lines.append(f"| {row['depth']} | " + " | ".join(cells) + f" | {whole} |")
     body = (f"Random Llama models of TinyLlama-1.1B's width, packaged to 0.75 + W8A8 with the refit and no "
             f"distillation, {args.samples} calibration samples of 256 tokens (Python's HOWTOs), scorer "
-            f"`{args.scorer}`, no evaluation text. One decoder layer is {layer_gib:.2f} GiB in float32 (the compute "
+            f"`{args.scorer}`, no evaluation text. One decoder layer is {layer_gib:.2f} GiB in {compute} (the compute "
             f"dtype): the bound on the growth from one depth to the next is that plus 10%, {1.1 * layer_gib:.2f} GiB. "
             "Before streaming (when the scale issue was filed) the same run took 3.65 GB at 2 layers and 4.22 GB at "
             "4, about 285 MB more per layer.\n\n" + "\n".join(lines))

@@ -96,8 +96,11 @@ class PackageOptions(BaseModel):
     seq_len: int = Field(512, ge=16, description="Tokens per calibration sample.")
     seed: int = 0
     batch_size: int = Field(4, ge=1)
-    compute_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Precision for scoring and evaluation (weights are saved in the source dtype).")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Precision of the forward passes of scoring, the shape search, the refit and "
+        "evaluation; auto: bfloat16 when the source is stored in bfloat16, else float32. Statistics, Gram "
+        "matrices and the refit's solve are float32/float64 either way, distillation trains float32 weights, "
+        "and weights are saved in the source dtype.")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", json_schema_extra=_NEUTRAL,  # the message: _RANGE_HINTS
         description="Where scoring, the shape search, the refit, evaluation and distillation run: auto (the "

@@ -14,6 +14,7 @@ import torch
 
 from serve_pruned.compress.stream import Streamed, streamed
 from serve_pruned.errors import UsageError
+from serve_pruned.model.config import compute_dtype_for
 
 
 def windows(ids: list[int], seq_len: int) -> list[list[int]]:
@@ -120,7 +121,7 @@ def evaluate_folder(
     seq_len: int = 512,
     max_tokens: int | None = 16384,
     batch_size: int = 4,
-    dtype: str = "float32",
+    dtype: str = "auto",
     trust_remote_code: bool = False,
     progress: bool = True,
     backend: str = "transformers",
@@ -160,13 +161,16 @@ def evaluate_folder(
         return {"model": model_dir, "backend": "vllm", "perplexity": ppl, "nll": math.log(ppl), "tokens": count,
                 "seq_len": seq_len, "top1_agreement": None, "text": [s.name for s in sources],
                 "text_sha256": fingerprint_sources(sources), "completions": samples}
+    # as `package` resolves it: from the source (the base, when one is given)
+    dtype = compute_dtype_for(dtype, (t.dtype for t in (base_src or src).tensors.values()))
     model = _open(src, dtype=dtype, trust_remote_code=trust_remote_code)
     reference = _open(base_src, dtype=dtype, trust_remote_code=trust_remote_code) if base_src else None
     runs = eval_passes(model) + (eval_passes(reference) if reference is not None else 0)
     with tqdm(total=runs, desc="evaluating", unit="layer",
               disable=not progress, leave=False) as bar:
         report = evaluate(model, ids, seq_len=seq_len, batch_size=batch_size, reference=reference, progress=bar)
-        result: dict[str, Any] = {"model": model_dir, "backend": "transformers", **report.to_dict()}
+        result: dict[str, Any] = {"model": model_dir, "backend": "transformers", "compute_dtype": dtype,
+                                  **report.to_dict()}
         if reference is not None:
             base_report = evaluate(reference, ids, seq_len=seq_len, batch_size=batch_size, progress=bar)
             result["base"] = {"model": base, **base_report.to_dict()}

@@ -42,8 +42,8 @@ _REMEDIES = {
     "hidden states": "fewer --num-samples or a shorter --seq-len",
     "eval hidden states": "fewer --eval-max-tokens",
     "logits": "a smaller --batch-size",
-    "embedding": "--compute-dtype bfloat16 halves it",
-    "head": "--compute-dtype bfloat16 halves it",
+    "embedding": "run on an accelerator (--device cuda), or give more memory: a stage reads the embedding whole",
+    "head": "run on an accelerator (--device cuda), or give more memory: a stage reads the head whole",
     "statistics": "--scorer activation (obs collects FFN Gram matrices)",
     "Gram matrices": "--no-refit, or run on an accelerator",
     "Hessians": "run on an accelerator (--device cuda)",
@@ -87,6 +87,7 @@ class MemoryPlan:
     quantize_host_bytes: int | None = None
     # the source model whole in this process, in the compute dtype (what in-process text generation loads)
     whole_model_bytes: int = 0
+    compute_dtype: str = "bfloat16"
 
     def stage(self, name: str) -> StageMemory:
         return next(s for s in self.stages if s.stage == name)
@@ -113,7 +114,12 @@ class MemoryPlan:
                         f"--max-memory: the {s.stage} stage needs about {need / GIB:.2f} GiB of {where} memory, "
                         f"more than the {bound / GIB:.2f} GiB allowed (its largest part: {term}, "
                         f"{s.terms(where)[term] / GIB:.2f} GiB)",
-                        hint=_REMEDIES.get(term, "give the stage more memory"))
+                        hint=self._remedy(term))
+
+    def _remedy(self, term: str) -> str:
+        if self.compute_dtype == "float32" and term in ("layer", "embedding", "head", "hidden states"):
+            return "--compute-dtype bfloat16 halves it"
+        return _REMEDIES.get(term, "give the stage more memory")
 
     def whole_model_refused(self, limit: MemoryLimit) -> str | None:
         """Why the whole source model may not be loaded in this process (it passes the host limit), or None."""
@@ -238,7 +244,7 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
     quantize_host = _hold_while_quantizing(stages, weights, opts.memory_limit.host, on_device=on_device) \
         if opts.quant != "none" else None
     return MemoryPlan(tuple(stages), on_device=on_device, quantize_host_bytes=quantize_host,
-                      whole_model_bytes=BASELINE_BYTES + total_params * c)
+                      whole_model_bytes=BASELINE_BYTES + total_params * c, compute_dtype=opts.compute_dtype)
 
 
 def _hold_while_quantizing(stages: list[StageMemory], weights: int, host_limit: int | None, *,

@@ -21,7 +21,7 @@ from serve_pruned.compress.size_target import Sizer, TargetFit, fit_target
 from serve_pruned.errors import CalibrationDataError, InvalidTargetError, UsageError
 from serve_pruned.manifest import PACKAGE_OWNER
 from serve_pruned.model.arch import ArchSupport, support_for
-from serve_pruned.model.config import config_dtype
+from serve_pruned.model.config import compute_dtype_for, config_dtype
 from serve_pruned.model.shapes import Candidate, Shape, count_params, plan_shapes
 from serve_pruned.model.source import ModelSource, resolve_model
 from serve_pruned.options import PackageOptions, SizeTarget
@@ -101,6 +101,9 @@ def plan_package(opts: PackageOptions) -> PackagePlan:
         raise UsageError(f"--out {out} would replace the source model {src.path}",
                          hint="write the output to a new folder beside it")
     support = support_for(src.config)  # an unsupported architecture says so before its config is read further
+    # every stage (and the memory plan, the caches' keys, the report) reads the dtype it resolves to
+    opts = opts.model_copy(update={"compute_dtype": compute_dtype_for(
+        opts.compute_dtype, (t.dtype for t in src.tensors.values()))})
     before = Shape.from_config(src.config)
     plan = PackagePlan(opts=opts, out=out, src=src, support=support, before=before,
                        total=count_params(src.shapes(), before),

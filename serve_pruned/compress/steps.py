@@ -275,6 +275,8 @@ class Steps:
         The pruned model is a streamed view of the current one until the refit writes it, layer by layer, to
         ``step_dir/model`` (sharded safetensors); the next stages stream it from there. Only distillation
         holds it whole."""
+        import torch
+
         from serve_pruned.compress.importance import select
         from serve_pruned.compress.prune import pruned_config, pruned_view, whole_model
         from serve_pruned.compress.shards import ShardWriter, write_layers
@@ -312,9 +314,11 @@ class Steps:
             writer.close()
         new_model: Any = _step_model(step_dir, device=self.loaded.device, dtype=self.loaded.original.dtype)
         if _distills(distill_steps, dsamples):
-            new_model = whole_model(new_model)
+            # AdamW's updates (1e-4 of a weight) vanish in bfloat16's 8 significant bits: it trains float32 weights
+            new_model = whole_model(new_model, torch.float32)
             self.distill(new_model, dsamples, distill_steps, where=where, step_dir=step_dir, report=report,
                          hidden_channels=kept.hidden)
+            new_model.to(self.loaded.original.dtype)  # trained: the next stages compute as every other one
         return (Current(new_model, new_cfg, chosen.shape, kept, params), Candidate(chosen.shape, params,
                 params / plan.total), report)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +47,17 @@ def config_dtype(config: Mapping) -> str | None:
     """The dtype config.json declares for the weights (transformers 5 writes ``dtype``, older ``torch_dtype``)."""
     value = config.get("dtype") or config.get("torch_dtype")
     return str(value) if value else None
+
+
+_FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def compute_dtype_for(requested: str, stored: Iterable[str]) -> str:
+    """The dtype the heavy stages compute in: ``requested``, or for ``auto`` bfloat16 when every floating tensor
+    is stored in bfloat16 (casting loses nothing, and it is some 3x faster than float32 where the hardware has
+    bf16 products) and float32 otherwise (a float32 or float16 checkpoint would be rounded through bfloat16).
+    ``stored``: the safetensors dtype names of the checkpoint's tensors."""
+    if requested != "auto":
+        return requested
+    floating = {d for d in stored if d in _FLOATING}
+    return "bfloat16" if floating == {"BF16"} else "float32"

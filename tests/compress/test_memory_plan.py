@@ -18,7 +18,8 @@ SHAPE_8B = Shape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, inte
 
 def plan(**kw):
     opts = PackageOptions(**{"model": "m", "out": "o", "calib": ("c.txt",), "target_params": 0.75,
-                             "distill_steps": 0, "quant": "w8a8", "scorer": "activation", **kw})
+                             "distill_steps": 0, "quant": "w8a8", "scorer": "activation",
+                             "compute_dtype": "bfloat16", **kw})  # what auto resolves to for a bf16 source
     return plan_memory(opts, before=SHAPE_8B, config=LLAMA_8B, total_params=8_030_261_248, save_dtype="bfloat16",
                        has_eval=False, on_device=False,
                        scorer=opts.scorer)
@@ -33,9 +34,9 @@ def test_stages_are_those_the_run_goes_through_in_order():
 def test_terms_follow_the_options_that_size_them():
     one, two = plan(num_samples=8).stage("score"), plan(num_samples=16).stage("score")
     assert two.host["hidden states"] == 2 * one.host["hidden states"]
-    # a layer of the 8B shape: 218 M parameters, 0.81 GiB in float32, half that in bfloat16
-    assert one.host["layer"] == 218_103_808 * 4
-    assert plan(compute_dtype="bfloat16").stage("score").host["layer"] == 218_103_808 * 2
+    # a layer of the 8B shape: 218 M parameters, 0.41 GiB in bfloat16 (the default), twice that in float32
+    assert one.host["layer"] == 218_103_808 * 2
+    assert plan(compute_dtype="float32").stage("score").host["layer"] == 218_103_808 * 4
     assert "statistics" in plan(scorer="obs").stage("score").host  # obs gathers FFN Gram matrices
     # an 8B model streams: every stage fits 8 GiB, with that limit or none (weights that the limit, or the streamed
     # stages' peak, leaves no room for stay on disk while quantizing)
@@ -49,7 +50,10 @@ def test_max_memory_refuses_naming_the_stage_and_what_to_change():
     p.check(MemoryLimit(host=16 * GIB))
     with pytest.raises(UsageError, match="the score stage needs about [0-9.]+ GiB of host memory") as e:
         p.check(MemoryLimit(host=1 * GIB))
-    assert "its largest part: embedding" in str(e.value) and "bfloat16" in e.value.hint
+    assert "its largest part: embedding" in str(e.value) and "--device cuda" in e.value.hint
+    with pytest.raises(UsageError) as e:  # in float32, the compute dtype is the first thing to change
+        plan(compute_dtype="float32").check(MemoryLimit(host=1 * GIB))
+    assert "--compute-dtype bfloat16" in e.value.hint
     with pytest.raises(UsageError, match="the distill stage") as e:
         plan(distill_steps=8).check(MemoryLimit(host=16 * GIB))
     assert "--distill-steps 0" in e.value.hint
@@ -86,7 +90,7 @@ def test_without_a_limit_quantization_holds_no_more_than_the_streamed_stages_pea
 
 def plan_of(shape, *, total_params, on_device=False):
     opts = PackageOptions(model="m", out="o", calib=("c.txt",), target_params=0.75, distill_steps=0, quant="w8a8",
-                          scorer="activation")
+                          scorer="activation", compute_dtype="bfloat16")
     return plan_memory(opts, before=shape, config={**LLAMA_8B, "num_hidden_layers": shape.num_layers},
                        total_params=total_params, save_dtype="bfloat16", has_eval=False, on_device=on_device,
                        scorer="activation")

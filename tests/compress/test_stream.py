@@ -212,3 +212,24 @@ def test_folder_tensors_read_exactly_what_safetensors_reads(tokenizer_dir, tmp_p
     for name, want in reference.items():
         got = tensors.get(name)
         assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want), name
+
+
+def test_a_bfloat16_source_computes_in_bfloat16_as_well_as_in_float32(tokenizer_dir, text_files, tmp_path):
+    """auto computes a bf16 checkpoint in bf16 (a float32 one in float32: the packaged fixtures); the package
+    and its quality stay where float32 puts them."""
+    from tiny import make_tiny_model
+
+    from serve_pruned.compress.package import package
+    from serve_pruned.options import PackageOptions
+
+    folder = make_tiny_model("llama", tmp_path / "bf16", tokenizer_dir, dtype="bfloat16", seed=5)
+    quality = {}
+    for dtype in ("auto", "float32"):
+        opts = PackageOptions(model=str(folder), out=tmp_path / dtype, calib=(str(text_files["calib"]),),
+                              eval_text=(str(text_files["eval"]),), num_samples=8, seq_len=32, multiple_of=32,
+                              target_params=0.8, distill_steps=0, eval_max_tokens=512, eval_seq_len=64,
+                              compute_dtype=dtype)
+        quality[dtype] = package(opts, progress=False).manifest.to_dict()["quality"]
+    assert quality["auto"]["compute_dtype"] == "bfloat16" and quality["float32"]["compute_dtype"] == "float32"
+    for stage in ("original", "pruned", "recovered"):
+        assert quality["auto"][stage]["perplexity"] == pytest.approx(quality["float32"][stage]["perplexity"], rel=0.01)
