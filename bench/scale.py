@@ -95,6 +95,7 @@ def run(model: Path, out: Path, *, code: Path, scorer: str, samples: int, extra:
     return {"rss": int(rss_kib) / 2**20, "wall": float(wall), "stages": manifest.get("timings_s", {}),
             "peaks": manifest.get("peak_memory", {}).get("host_gib", {}), "params": manifest.get("params_before"),
             "anon": manifest.get("peak_memory", {}).get("host_anon_gib", {}),
+            "compute_dtype": manifest["options"].get("compute_dtype", "float32"),
             "plan": (manifest.get("memory_plan") or {}).get("host_gib", {}), "weight_bytes": manifest["weight_bytes"]}
 
 
@@ -216,7 +217,7 @@ def depth_table(args: argparse.Namespace) -> None:
                 for name, code in codes.items():
                     out = tmp / f"out-{depth}-{len(row)}"
                     row[name] = run(model, out, code=code, scorer=args.scorer, samples=args.samples)
-                    print(depth, name, f"{row[name]['rss']:.2f} GiB", f"{row[name]['wall']:.0f} s", flush=True)
+                    print(depth, name, json.dumps(row[name]), flush=True)  # kept in the log if the table fails
                 rows.append(row)
             if args.serve:
                 serve_side_by_side(model, out, depth)
@@ -225,9 +226,8 @@ def depth_table(args: argparse.Namespace) -> None:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],
                                check=False)
     from serve_pruned.compress.memory_plan import DTYPE_BYTES
-    from serve_pruned.options import PackageOptions
 
-    compute = PackageOptions.model_fields["compute_dtype"].default  # the runs pass none: the package default
+    compute = rows[-1]["this commit"]["compute_dtype"]  # what the package default resolved to for these models
     layer_params = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 5632  # q, o; k, v; gate, up, down
     layer_gib = layer_params * DTYPE_BYTES[compute] / 2**30
     head = ("| layers | parameters | " + " | ".join(f"{n}: peak RSS (GiB) | {n}: wall (s)" for n in codes)

@@ -96,7 +96,7 @@ def load(plan: PackagePlan, device: Any, timer: Timer, *, progress: bool, log: L
     torch.manual_seed(opts.seed)
     with timer("load"):
         log(f"reading {src.ref} ({plan.support.architecture}, {plan.total:,} parameters) layer by layer "
-            f"on {device}")
+            f"on {device}, computing in {opts.compute_dtype}")
         tokenizer = load_tokenizer(src.path, trust_remote_code=opts.trust_remote_code)
         original = Streamed.from_folder(src, device=device, dtype=getattr(torch, opts.compute_dtype),
                                         trust_remote_code=opts.trust_remote_code)
