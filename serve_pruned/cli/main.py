@@ -199,6 +199,9 @@ def package_cmd(model: str | None, recipe: Path | None, fmt: str, no_progress: b
         from serve_pruned.hub.transfer import parse_repo_spec
 
         parse_repo_spec(push_repo)  # a bad repo id fails before minutes of packaging
+    from serve_pruned.compress.allocator import pin_mmap_threshold
+
+    pin_mmap_threshold()  # this process is ours: streamed layers' memory goes back to the kernel when freed
     result = package(opts, log=info, progress=not no_progress, repo_id=push_repo)
     report: dict[str, Any] = {"out": str(result.out), **result.manifest.to_dict()}
     if push_repo:
