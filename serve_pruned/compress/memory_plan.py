@@ -238,9 +238,11 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
             "layer": z.layer(kept) * z.save * 2,  # onloaded, and its quantized copy
             "hidden states": 2 * n * seq * hidden * z.save if opts.quant != "fp8" else 0,
             "Hessians": 4 * in_widths if opts.quant != "fp8" else 0})))
+    # quantized, the output is written from the weights llmcompressor holds (its "weights" term, added below)
+    # and a shard's worth read back from disk; unquantized, from the streamed layers and the tables
+    tables = {} if opts.quant != "none" else {"embedding": z.table * z.save * (1 if tied else 2)}
     stages.append(StageMemory("write", **_place(on_device, {
-        "layer": z.layer(kept) * z.save, "shard": min(weights, OUTPUT_SHARD_BYTES),
-        "embedding": z.table * z.save * (1 if tied else 2)}, weights_stay=True)))
+        "layer": z.layer(kept) * z.save, "shard": min(weights, OUTPUT_SHARD_BYTES), **tables}, weights_stay=True)))
     quantize_host = _hold_while_quantizing(stages, weights, opts.memory_limit.host, on_device=on_device) \
         if opts.quant != "none" else None
     return MemoryPlan(tuple(stages), on_device=on_device, quantize_host_bytes=quantize_host,
@@ -249,28 +251,34 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
 
 def _hold_while_quantizing(stages: list[StageMemory], weights: int, host_limit: int | None, *,
                            on_device: bool) -> int | None:
-    """How much of the pruned weights llmcompressor holds in host memory while it quantizes, and while the
-    quantized model is evaluated (None: all of them); what is not held stays on disk. The amount becomes those
-    stages' "weights" term.
+    """How much of the pruned weights llmcompressor holds in host memory while it quantizes, while the quantized
+    model is evaluated and while it is written (None: all of them); what is not held stays on disk. The amount
+    becomes those stages' "weights" term.
+
+    The write stage holds them too: transformers loads the held weights memory-mapped from the checkpoint, and
+    saving reads every page of them, so they count in its peak beside the shard it writes (measured: the scale
+    section of docs/benchmarks.md).
 
     Under a host limit: what ``HEADROOM`` of it leaves beside the stages' other terms. Without one, on the host:
-    what the streamed stages' peak leaves, so quantization never raises the run's peak (holding every weight
-    would make the peak grow with the depth, which streaming is for). On a device with no host limit, all of
-    them: the host is not where the weights are worked on.
+    what the streamed stages' peak leaves beside quantization's other terms, so quantization never raises the
+    run's peak (holding every weight would make the peak grow with the depth, which streaming is for); the write
+    stage then adds its shard to them. On a device with no host limit, all of them: the host is not where the
+    weights are worked on.
     """
     holding = [st for st in stages if st.stage in ("quantize", "eval")]
+    write = [st for st in stages if st.stage == "write"]
     others = max(st.host_bytes for st in holding)
     if host_limit is not None:
-        held: int | None = min(weights, max(0, int(HEADROOM * host_limit) - others))
+        held: int | None = min(weights, max(0, int(HEADROOM * host_limit) - max(
+            st.host_bytes for st in holding + write)))
     elif not on_device:
         # the stages before quantization: their peak does not grow with the depth (the write stage's shard does,
         # up to its cap, so it does not count)
-        streamed_peak = max((st.host_bytes for st in stages if st not in holding and st.stage != "write"),
-                            default=others)
+        streamed_peak = max((st.host_bytes for st in stages if st not in holding + write), default=others)
         held = min(weights, max(0, streamed_peak - others))
     else:
         held = None
-    for st in holding:
+    for st in holding + write:
         st.host["weights"] = weights if held is None else held
     return held
 

@@ -75,7 +75,7 @@ def test_without_a_limit_quantization_holds_no_more_than_the_streamed_stages_pea
     weights = int(8_030_261_248 * 0.75) * 2
     # all of the 8B model's weights (12 GB) would make quantization the run's peak, growing with the depth
     free = plan()
-    streamed_peak = max(s.host_bytes for s in free.stages if s.stage not in ("quantize", "eval"))
+    streamed_peak = max(s.host_bytes for s in free.stages if s.stage not in ("quantize", "eval", "write"))
     assert 0 < free.quantize_host_bytes < weights
     assert free.stage("quantize").host_bytes == streamed_peak == free.peak_host_bytes
     # half as deep: the streamed stages hold as much, the weights are fewer, and the peak is the same
@@ -88,10 +88,33 @@ def test_without_a_limit_quantization_holds_no_more_than_the_streamed_stages_pea
     assert on_gpu.quantize_host_bytes is None and on_gpu.stage("quantize").host["weights"] == weights
 
 
-def plan_of(shape, *, total_params, on_device=False):
-    opts = PackageOptions(model="m", out="o", calib=("c.txt",), target_params=0.75, distill_steps=0, quant="w8a8",
-                          scorer="activation", compute_dtype="bfloat16")
-    return plan_memory(opts, before=shape, config={**LLAMA_8B, "num_hidden_layers": shape.num_layers},
+TINYLLAMA_22 = Shape(num_layers=22, num_heads=32, num_kv_heads=8, head_dim=64, intermediate_size=5632,
+                     hidden_size=2048)
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                 vocab_size=49152, num_hidden_layers=22)
+
+
+def test_writing_a_quantized_model_holds_its_held_weights_and_a_shard():
+    # transformers maps the held weights from the checkpoint and saving reads every page of them: they count in
+    # the write stage beside the shard being written, and a host limit leaves room for both
+    free = plan_of(TINYLLAMA_22, total_params=1_193_371_648, config=TINYLLAMA, seq_len=256, num_samples=4)
+    write = free.stage("write")
+    assert write.host["weights"] == free.quantize_host_bytes > 0 and "shard" in write.host
+    assert "embedding" not in write.host  # the tables are among the held weights or the shard, not apart
+    for limit in (1.5, 2.0, 3.0):
+        limited = plan_of(TINYLLAMA_22, total_params=1_193_371_648, config=TINYLLAMA, seq_len=256, num_samples=4,
+                          max_memory=f"{limit}GiB")
+        assert limited.stage("write").host["weights"] == limited.quantize_host_bytes
+        assert limited.peak_host_bytes <= HEADROOM * limit * GIB
+        limited.check(MemoryLimit(host=int(limit * GIB)))
+    # unquantized, the output streams from the pruned layers and reads the tables whole
+    assert "embedding" in plan(quant="none").stage("write").host
+
+
+def plan_of(shape, *, total_params, on_device=False, config=LLAMA_8B, **kw):
+    opts = PackageOptions(**{"model": "m", "out": "o", "calib": ("c.txt",), "target_params": 0.75, "distill_steps": 0,
+                             "quant": "w8a8", "scorer": "activation", "compute_dtype": "bfloat16", **kw})
+    return plan_memory(opts, before=shape, config={**config, "num_hidden_layers": shape.num_layers},
                        total_params=total_params, save_dtype="bfloat16", has_eval=False, on_device=on_device,
                        scorer="activation")
 
