@@ -265,20 +265,18 @@ def _hold_while_quantizing(stages: list[StageMemory], weights: int, host_limit: 
     stage then adds its shard to them. On a device with no host limit, all of them: the host is not where the
     weights are worked on.
     """
-    holding = [st for st in stages if st.stage in ("quantize", "eval")]
-    write = [st for st in stages if st.stage == "write"]
-    others = max(st.host_bytes for st in holding)
+    holding = [st for st in stages if st.stage in ("quantize", "eval", "write")]
+    others = max(st.host_bytes for st in holding if st.stage != "write")
     if host_limit is not None:
-        held: int | None = min(weights, max(0, int(HEADROOM * host_limit) - max(
-            st.host_bytes for st in holding + write)))
+        held: int | None = min(weights, max(0, int(HEADROOM * host_limit) - max(st.host_bytes for st in holding)))
     elif not on_device:
         # the stages before quantization: their peak does not grow with the depth (the write stage's shard does,
         # up to its cap, so it does not count)
-        streamed_peak = max((st.host_bytes for st in stages if st not in holding + write), default=others)
+        streamed_peak = max((st.host_bytes for st in stages if st not in holding), default=others)
         held = min(weights, max(0, streamed_peak - others))
     else:
         held = None
-    for st in holding + write:
+    for st in holding:
         st.host["weights"] = weights if held is None else held
     return held
 
