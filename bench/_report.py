@@ -12,8 +12,10 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 # Local text shared by the benchmarks: Python's docs (Debian python3-doc) -- HOWTOs and FAQ to
-# calibrate, the tutorial to evaluate -- and a licence as out-of-domain text.
-DOCS = next(Path("/usr/share/doc").glob("python3*/html/_sources"))
+# calibrate, the tutorial to evaluate -- and a licence as out-of-domain text. BENCH_DOCS names a copy of that
+# folder on a machine without the package (the GPU check carries one).
+DOCS = Path(os.environ["BENCH_DOCS"]) if os.environ.get("BENCH_DOCS") else next(
+    Path("/usr/share/doc").glob("python3*/html/_sources"))
 OOD = Path("/usr/share/common-licenses/GPL-3")
 HEADER = """# Benchmarks
 
@@ -45,8 +47,8 @@ def code_version() -> str:
         # docs/ left out: an earlier benchmark of the same `make bench` has just rewritten docs/benchmarks.md
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
                                 ".", ":(exclude)docs"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "an unknown commit"
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git (the GPU machine's) may name it
+        return f"commit {os.environ['BENCH_COMMIT']}" if os.environ.get("BENCH_COMMIT") else "an unknown commit"
     return f"commit {head}" + (" with local changes" if dirty else "")
 
 

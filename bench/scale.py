@@ -44,9 +44,11 @@ SHAPES = {
 WIDTH = SHAPES["tinyllama"]
 
 
-def random_model(dest: Path, layers: int | None, tokenizer_dir: Path, *, shape: str = "tinyllama") -> Path:
+def random_model(dest: Path, layers: int | None, tokenizer_dir: Path, *, shape: str = "tinyllama",
+                 device: str = "cpu") -> Path:
     """A random bf16 Llama of ``shape`` (``layers`` deep where given), with SmolLM2's tokenizer, written layer by
-    layer: an 8B model is never whole in memory here either."""
+    layer: an 8B model is never whole in memory here either. ``device`` draws the numbers (an accelerator draws
+    8B of them in seconds; the weights differ from the CPU's draw, their shapes and statistics do not)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -60,36 +62,40 @@ def random_model(dest: Path, layers: int | None, tokenizer_dir: Path, *, shape: 
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     with init_empty_weights():
         skeleton = LlamaForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(cfg.num_hidden_layers)
+    gen = torch.Generator(device).manual_seed(cfg.num_hidden_layers)
     groups: dict[int, dict[str, tuple[int, ...]]] = {}
     for name, p in skeleton.named_parameters():
         where = split_layer_name(name)
         groups.setdefault(-1 if where is None else where[0], {})[name] = tuple(p.shape)
     writer = ShardWriter(dest, cfg.to_dict(), max_shard_bytes=OUTPUT_SHARD_BYTES)
     for key in sorted(groups):
-        writer.add({n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
-                    for n, s in groups[key].items()})
+        writer.add({n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen, device=device) * 0.02)
+                    .to(torch.bfloat16).cpu() for n, s in groups[key].items()})
     writer.close()
     tok.save_pretrained(dest)
     return dest
 
 
-def run(model: Path, out: Path, *, code: Path, scorer: str, samples: int, extra: tuple[str, ...] = ()) -> dict:
-    """One `package` run in a child process: its peak RSS (GiB), wall time and stage times (s)."""
+def run(model: Path, out: Path, *, code: Path, scorer: str, samples: int, extra: tuple[str, ...] = (),
+        log: Path | None = None) -> dict:
+    """One `package` run in a child process: its peak RSS (GiB), wall time and stage times (s). ``log`` takes the
+    run's stderr as it goes (else only its tail is shown, on failure)."""
     argv = [sys.executable, "-c", "from serve_pruned.cli.main import main; main()", "package", str(model),
             "--out", str(out), "--target-params", "0.75", "--quant", "w8a8", "--distill-steps", "0",
             "--calib", str(DOCS / "howto"), "--num-samples", str(samples), "--seq-len", "256",
             "--scorer", scorer, "--no-progress", "--format", "json", *extra]
     # the child measures itself: RUSAGE_CHILDREN of a fresh wrapper is that one run's high-water mark
     wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "log = open(sys.argv[1], 'w') if sys.argv[1] else subprocess.PIPE; "
+               "r = subprocess.run(sys.argv[2:], stdout=subprocess.PIPE, stderr=log, text=True); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t); "
-               "sys.stderr.write(r.stderr[-3000:] if r.returncode else ''); sys.exit(r.returncode)")
+               "sys.stderr.write((r.stderr or '')[-3000:] if r.returncode else ''); sys.exit(r.returncode)")
     # an empty cache per run: statistics or generated text cached by another run would skip their stages
     env = {**os.environ, "PYTHONPATH": str(code), "SERVE_PRUNED_CACHE": str(out.parent / f"cache-{out.name}")}
-    res = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-c", wrapper, str(log or ""), *argv], capture_output=True, text=True,
+                         env=env)
     if res.returncode:
-        raise SystemExit(f"package failed at {code}:\n{res.stderr}")
+        raise SystemExit(f"package failed at {code}:\n{res.stderr}" + (f"(its log: {log})" if log else ""))
     rss_kib, wall = res.stdout.split()
     manifest = json.loads((out / "serve_pruned.json").read_text())
     return {"rss": int(rss_kib) / 2**20, "wall": float(wall), "stages": manifest.get("timings_s", {}),
