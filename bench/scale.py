@@ -91,7 +91,8 @@ def run(model: Path, out: Path, *, code: Path, scorer: str, samples: int, extra:
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t); "
                "sys.stderr.write((r.stderr or '')[-3000:] if r.returncode else ''); sys.exit(r.returncode)")
     # an empty cache per run: statistics or generated text cached by another run would skip their stages
-    env = {**os.environ, "PYTHONPATH": str(code), "SERVE_PRUNED_CACHE": str(out.parent / f"cache-{out.name}")}
+    path = os.pathsep.join(filter(None, (str(code), os.environ.get("PYTHONPATH"))))  # the code first, then the rest
+    env = {**os.environ, "PYTHONPATH": path, "SERVE_PRUNED_CACHE": str(out.parent / f"cache-{out.name}")}
     res = subprocess.run([sys.executable, "-c", wrapper, str(log or ""), *argv], capture_output=True, text=True,
                          env=env)
     if res.returncode:
