@@ -194,8 +194,8 @@ def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, setti
             p.copy_(weights[n])
             if f"exp_avg/{n}" in moments:
                 opt.state[p] = {"step": torch.tensor(float(state["step"])),
-                                "exp_avg": moments[f"exp_avg/{n}"].to(p.dtype),
-                                "exp_avg_sq": moments[f"exp_avg_sq/{n}"].to(p.dtype)}
+                                "exp_avg": moments[f"exp_avg/{n}"].to(p.device, p.dtype),
+                                "exp_avg_sq": moments[f"exp_avg_sq/{n}"].to(p.device, p.dtype)}
     return state
 
 
