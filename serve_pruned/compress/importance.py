@@ -120,28 +120,35 @@ def obs_order(gram: torch.Tensor, weight: torch.Tensor, *, chunk: int = 16, damp
         [F] float64: channel ``j``'s position in the elimination (0 = dropped first), so higher = keep.
     """
     f, dev, f64 = gram.shape[0], gram.device, torch.float64
-    h = gram.to(f64, copy=True)  # runs where the Gram matrix is: on an accelerator, it stays there
-    h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    del h
+    hinv = gram.to(f64, copy=True)  # runs where the Gram matrix is: on an accelerator, it stays there
+    hinv.diagonal().add_(damp * hinv.diagonal().mean().clamp_min(1e-12))
+    hinv = torch.linalg.cholesky(hinv)  # one step at a time: two [F, F] matrices at once, not three
+    hinv = torch.cholesky_inverse(hinv)
     w = weight.to(dev, f64, copy=True)
-    alive = torch.arange(f, device=dev)
+    alive = torch.arange(f, device=dev)  # the channel each column of ``w`` and ``hinv`` holds
+    dead = torch.zeros(f, dtype=torch.bool, device=dev)  # dropped, its column not compacted away yet
     rank = torch.empty(f, dtype=f64, device=dev)
     done = 0
-    while alive.numel():
+    while done < f:
         cost = w.pow(2).sum(0) / hinv.diagonal()
-        k = min(chunk, alive.numel())
+        cost[dead] = torch.inf
+        k = min(chunk, f - done)
         drop = torch.topk(cost, k, largest=False, sorted=True).indices
         rank[alive[drop]] = torch.arange(done, done + k, dtype=f64, device=dev)
         done += k
-        keep = torch.ones(alive.numel(), dtype=torch.bool, device=dev)
-        keep[drop] = False
-        # remove the chunk Q and refit the rest: W_K -= W_Q (H^-1_QQ)^-1 H^-1_QK, same downdate for H^-1
-        h_qk = hinv[drop][:, keep]  # H^-1 is symmetric: H^-1_KQ is its transpose
-        across = torch.linalg.inv(hinv[drop][:, drop]) @ h_qk  # [k, |K|]
-        w = w[:, keep] - w[:, drop] @ across
-        hinv = hinv[keep][:, keep] - h_qk.T @ across
-        alive = alive[keep]
+        dead[drop] = True
+        # remove the chunk Q and refit the rest: W -= W_Q (H^-1_QQ)^-1 H^-1_Q., the same downdate for H^-1 (it
+        # zeroes Q's own rows and columns). In place: the matrix is never copied whole in a round
+        h_q = hinv[drop]  # [k, N]; H^-1 is symmetric, so h_q.T is its columns Q
+        across = torch.linalg.inv(h_q[:, drop]) @ h_q
+        w.addmm_(w[:, drop], across, alpha=-1.0)
+        hinv.addmm_(h_q.T, across, alpha=-1.0)
+        if 2 * int(dead.sum()) >= dead.numel() and done < f:
+            # half of it dead: compact, so later rounds work on the live part (peak 1.75x the matrix, once)
+            keep = (~dead).nonzero().squeeze(1)
+            hinv = hinv.index_select(0, keep).index_select(1, keep)
+            w, alive = w.index_select(1, keep), alive[keep]
+            dead = torch.zeros(keep.numel(), dtype=torch.bool, device=dev)
     return rank.cpu()
 
 

@@ -222,6 +222,36 @@ def test_chunked_obs_matches_one_at_a_time_on_the_channels_kept():
     assert set(chunked.topk(16).indices.tolist()) == set(one.topk(16).indices.tolist())
 
 
+def _obs_order_shrinking(gram, weight, chunk, damp=0.01):
+    """The elimination as first written: H^-1 and W shrunk to the live channels by copies every round."""
+    f = gram.shape[0]
+    h = gram.double().clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv, w = torch.cholesky_inverse(torch.linalg.cholesky(h)), weight.double().clone()
+    alive, rank, done = torch.arange(f), torch.empty(f, dtype=torch.float64), 0
+    while alive.numel():
+        cost = w.pow(2).sum(0) / hinv.diagonal()
+        k = min(chunk, alive.numel())
+        drop = torch.topk(cost, k, largest=False, sorted=True).indices
+        rank[alive[drop]] = torch.arange(done, done + k, dtype=torch.float64)
+        done += k
+        keep = torch.ones(alive.numel(), dtype=torch.bool)
+        keep[drop] = False
+        across = torch.linalg.inv(hinv[drop][:, drop]) @ hinv[drop][:, keep]
+        w = w[:, keep] - w[:, drop] @ across
+        hinv = hinv[keep][:, keep] - hinv[drop][:, keep].T @ across
+        alive = alive[keep]
+    return rank
+
+
+@pytest.mark.parametrize(("width", "chunk"), [(96, 16), (100, 7), (33, 1)])
+def test_obs_downdated_in_place_and_compacted_drops_what_the_shrinking_elimination_drops(width, chunk):
+    # in place (dropped channels zeroed, compacted when half are gone) it holds two matrices at a time, not five;
+    # the channels it drops, and when, are the same
+    x, w, _ = _channels(width, width=width)
+    assert torch.equal(obs_order(x.T @ x, w, chunk=chunk), _obs_order_shrinking(x.T @ x, w, chunk))
+
+
 def test_obs_scorer_needs_the_ffn_order(tiny_models):
     model, cfg = _load(tiny_models["llama"])
     stats = collect_stats(model, torch.zeros(1, 4, dtype=torch.long))
