@@ -27,6 +27,12 @@ from serve_pruned.options import MemoryLimit, PackageOptions
 # The process before any weight is read: Python, torch, transformers and llmcompressor imported, the tokenizer
 # loaded. Measured as the "load" stage's peak RSS on this machine kind (docs/benchmarks.md, scale section).
 BASELINE_BYTES = int(0.45 * 2**30)
+# On an accelerator the process also maps its runtime (CUDA's context and libraries): measured as the load stage's
+# peak RSS on an H200, 0.96 GiB against 0.42 on the CPU (docs/benchmarks.md, gpu-package-8b).
+ACCELERATOR_RUNTIME = "accelerator runtime"
+ACCELERATOR_RUNTIME_BYTES = int(0.5 * 2**30)
+# The terms that are weights read from disk: on an accelerator they pass through the host on their way there.
+READ_FROM_DISK = ("layer", "embedding", "head")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
 # The share of a host limit that named terms may fill: the rest is for what no term names (the allocator's slack,
@@ -37,6 +43,7 @@ PROCESS = "the process itself"
 # What to change when a term is too big, by term.
 _REMEDIES = {
     PROCESS: "give it more memory: Python and the libraries take this before a weight is read",
+    ACCELERATOR_RUNTIME: "give it more memory: the accelerator's runtime takes this before a weight is read",
     "layer": "run on an accelerator (--device cuda), or give more memory: one decoder layer is the least a "
              "stage holds",
     "hidden states": "fewer --num-samples or a shorter --seq-len",
@@ -199,7 +206,11 @@ def plan_memory(opts: PackageOptions, *, before: Shape, config: dict[str, Any], 
             "head": z.table * c, "logits": 2 * b * opts.eval_seq_len * vocab * 4}))
 
     if opts.prunes and calib:
-        stats = 2 * before.intermediate_size ** 2 * 4 if scorer == "obs" else 0
+        ffn = before.intermediate_size
+        # obs: the float32 Gram matrix of a layer's down_proj input, then its elimination beside it: two float64
+        # [F, F] matrices at a time and the float64 weight with its compacted copy (measured: 2.2x one float64
+        # [F, F] matrix at F = 5632 beside the Gram matrix)
+        stats = 4 * ffn ** 2 + 2 * 8 * ffn ** 2 + 12 * hidden * ffn if scorer == "obs" else 0
         stages.append(StageMemory("score", **_place(on_device, {
             "layer": z.layer() * c, "hidden states": hidden_states, "activations": ffn_act,
             "statistics": stats, "embedding": z.table * c})))
@@ -282,8 +293,13 @@ def _hold_while_quantizing(stages: list[StageMemory], weights: int, host_limit: 
 
 
 def _place(on_device: bool, terms: dict[str, int], *, weights_stay: bool = False) -> dict[str, Any]:
-    """Terms on the host, or on the device (the host then holds only what passes through it: the largest)."""
+    """Terms on the host, or on the device: the host then holds the accelerator's runtime and what passes through
+    it on the way there, the largest of the weights read from disk (what is computed on the device, statistics and
+    activations, never is on the host)."""
     terms = {k: int(v) for k, v in terms.items() if v}
-    if not on_device or weights_stay:
+    if not on_device:
         return {"host": terms}
-    return {"device": terms, "host": {"staging": max(terms.values(), default=0)}}
+    runtime = {ACCELERATOR_RUNTIME: ACCELERATOR_RUNTIME_BYTES}
+    if weights_stay:
+        return {"host": {**runtime, **terms}}
+    return {"device": terms, "host": {**runtime, "staging": max((terms.get(k, 0) for k in READ_FROM_DISK), default=0)}}

@@ -94,6 +94,20 @@ TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=3
                  vocab_size=49152, num_hidden_layers=22)
 
 
+def test_on_an_accelerator_the_host_holds_its_runtime_and_the_weights_on_their_way_not_what_the_device_computes():
+    # obs's elimination runs where the Gram matrix is: two float64 [F, F] matrices beside the float32 Gram matrix
+    # (measured: 8.07 GiB on an H200 for the 8B shape, when the plan said 3.06)
+    ffn = SHAPE_8B.intermediate_size
+    on_gpu = plan_of(SHAPE_8B, total_params=8_030_261_248, on_device=True, scorer="obs", num_samples=16,
+                     seq_len=256).stage("score")
+    assert on_gpu.device["statistics"] >= 20 * ffn ** 2
+    assert "statistics" not in on_gpu.host
+    # the host: the accelerator's runtime (0.96 GiB measured at load on the H200, 0.42 on the CPU) and the largest
+    # weight read on its way to the device, here the embedding
+    assert on_gpu.host == {"accelerator runtime": GIB // 2, "staging": on_gpu.device["embedding"]}
+    assert "accelerator runtime" not in plan_of(SHAPE_8B, total_params=8_030_261_248).stage("score").host
+
+
 def test_writing_a_quantized_model_holds_its_held_weights_and_a_shard():
     # transformers maps the held weights from the checkpoint and saving reads every page of them: they count in
     # the write stage beside the shard being written, and a host limit leaves room for both
@@ -116,7 +130,7 @@ def plan_of(shape, *, total_params, on_device=False, config=LLAMA_8B, **kw):
                              "quant": "w8a8", "scorer": "activation", "compute_dtype": "bfloat16", **kw})
     return plan_memory(opts, before=shape, config={**config, "num_hidden_layers": shape.num_layers},
                        total_params=total_params, save_dtype="bfloat16", has_eval=False, on_device=on_device,
-                       scorer="activation")
+                       scorer=opts.scorer)
 
 
 def test_a_refusal_comes_before_any_weight_is_read(tiny_models, text_files, tmp_path, monkeypatch):
