@@ -18,7 +18,7 @@ from serve_pruned.options import PackageOptions
 
 # obs_order's seconds per decoder layer divided by the FFN width cubed, on the host CPU of this machine kind
 # (2 cores; fitted by bench/obs_cost.py, docs/benchmarks.md "obs-cost"). More cores make it faster.
-OBS_SECONDS_PER_WIDTH_CUBED = 0.575e-9
+OBS_SECONDS_PER_WIDTH_CUBED = 0.106e-9
 # How long auto lets obs's elimination take on the host before it picks activation instead.
 AUTO_OBS_BUDGET_S = 600.0
 
