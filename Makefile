@@ -6,7 +6,10 @@ VENV_SERVE ?= .venv-serve
 PY := $(VENV)/bin/python
 SP := $(VENV)/bin/serve-pruned
 DEMO ?= out/demo
-DEMO_TARGET ?= 0.75
+# the demo's quality guard: the strongest of these cuts (with W8A8) whose held-out perplexity stays within this ratio
+DEMO_GUARD ?= 1.15
+DEMO_FRACTIONS ?= 0.9
+DEMO_OUT := $(DEMO)/smollm2-w8a8
 PYTEST_ARGS ?=
 
 VENV_MIRROR ?= .venv-mirror
@@ -49,25 +52,27 @@ setup-k8s:
 k8s: setup-package
 	$(SP) deploy kustomize k8s
 
-# The main job end to end on the bundled real model: materialize it, prune it to $(DEMO_TARGET) of its
-# parameters with recovery (refit + logit distillation from the original), quantize it
-# to W8A8 (calibrated on Python's HOWTOs and FAQ plus text the original model writes itself), print the
-# quality report of every stage (Python tutorial held out, a licence as out-of-domain text, fact prompts),
-# check its perplexity through stock vLLM, then serve it as two co-located instances sized in bytes and
-# show a completion from each.
+# The main job end to end on the bundled real model: materialize it, then package the strongest of
+# $(DEMO_FRACTIONS) of its parameters + W8A8 whose held-out perplexity stays within $(DEMO_GUARD)x the original's
+# (the quality guard; W8A8 alone when no cut does), each candidate pruned, recovered (refit + logit distillation
+# from the original) and quantized (calibrated on Python's HOWTOs and FAQ plus text the original model writes
+# itself); print the quality report of every stage (Python tutorial held out, a licence as out-of-domain text,
+# fact prompts), check its perplexity through stock vLLM, then serve it as two co-located instances sized in bytes
+# and show a completion from each.
 demo: setup
 	@set -euo pipefail; docs=$$(ls -d /usr/share/doc/python3*/html/_sources | head -n1); \
 	$(SP) example-model $(DEMO)/SmolLM2-135M-Instruct --overwrite >/dev/null; \
-	$(SP) package $(DEMO)/SmolLM2-135M-Instruct --out $(DEMO)/smollm2-p75-w8a8 --overwrite \
-	  --target-params $(DEMO_TARGET) --quant w8a8 --calib $$docs/howto --calib $$docs/faq --calib generated:32 \
+	$(SP) package $(DEMO)/SmolLM2-135M-Instruct --out $(DEMO_OUT) --overwrite \
+	  --max-ppl-ratio $(DEMO_GUARD) $(foreach f,$(DEMO_FRACTIONS),--guard-fractions $(f)) --quant w8a8 \
+	  --calib $$docs/howto --calib $$docs/faq --calib generated:32 \
 	  --eval-text $$docs/tutorial --eval-ood-text /usr/share/common-licenses/GPL-3 --eval-max-tokens 8192; \
 	echo; echo "== perplexity through stock vLLM ($(VENV_SERVE)) =="; \
-	$(SP) eval $(DEMO)/smollm2-p75-w8a8 --backend vllm --text $$docs/tutorial --max-tokens 8192; \
+	$(SP) eval $(DEMO_OUT) --backend vllm --text $$docs/tutorial --max-tokens 8192; \
 	echo; echo "== planned density =="; \
-	$(SP) plan $(DEMO)/smollm2-p75-w8a8 --gpu H100-80GB --max-model-len 4096 --concurrency 16; \
-	$(SP) plan $(DEMO)/smollm2-p75-w8a8 --gpu cpu --max-model-len 2048 --concurrency 16; \
+	$(SP) plan $(DEMO_OUT) --gpu H100-80GB --max-model-len 4096 --concurrency 16; \
+	$(SP) plan $(DEMO_OUT) --gpu cpu --max-model-len 2048 --concurrency 16; \
 	echo; echo "== two co-located instances, one completion each =="; \
-	$(SP) serve $(DEMO)/smollm2-p75-w8a8 --instances 2 --port 8100 --metrics-port 9400 \
+	$(SP) serve $(DEMO_OUT) --instances 2 --port 8100 --metrics-port 9400 \
 	  --prompt "The capital of France is"
 
 test: setup setup-mirror setup-node setup-k8s
