@@ -157,7 +157,8 @@ def _search(
     from tqdm.auto import tqdm
 
     for cand in tqdm(tried, desc="searching shapes", disable=not progress, leave=False):
-        view = pruned_view(model, config, before, cand.shape, select(scores, before, cand.shape), device=device)
+        view = pruned_view(model, config, before, cand.shape, select(scores, before, cand.shape), device=device,
+                           slice_on_device=True)
         loss = mean_loss(view, held_out, batch_size=opts.batch_size)
         results.append({**cand.shape.to_dict(), "params": cand.params, "fraction": round(cand.fraction, 5),
                         "calib_loss": round(loss, 5)})

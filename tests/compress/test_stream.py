@@ -186,6 +186,30 @@ def test_a_pruned_view_slices_as_stored_and_the_writer_reads_it_so(tiny_models, 
     assert written[name].equal(whole.get_parameter(name)[:, ::2])
 
 
+def test_a_search_view_on_an_accelerator_moves_each_tensor_there_before_it_slices(tiny_models):
+    """The shape search's views slice on the device (the host's bf16 index_select was the 8B search's bottleneck on
+    an H200). "meta" stands in for the accelerator: every tensor comes back there, sliced to the host's shape, its
+    indices moved with it (a host index does not slice a device tensor)."""
+    from serve_pruned.compress.importance import Selection
+    from serve_pruned.compress.prune import PrunedTensors, pruned_view, tensors_of
+    from serve_pruned.model.shapes import Shape
+
+    whole, lazy = _both(tiny_models["qwen3"])
+    config = whole.config.to_dict()
+    before = Shape.from_config(config)
+    n = before.num_layers
+    sel = Selection(layers=list(range(n)), kv_groups=[[0]] * n, heads=[list(range(before.heads_per_group))] * n,
+                    ffn=[list(range(0, 256, 2))] * n, hidden=list(range(0, before.hidden_size, 2)))
+    on_host = PrunedTensors(tensors_of(lazy), before, sel)
+    on_meta = PrunedTensors(tensors_of(lazy), before, sel, slice_on=torch.device("meta"))
+    for name in on_host.names():
+        host, meta = on_host.get(name), on_meta.get(name)
+        assert meta.device.type == "meta" and meta.shape == host.shape, name
+    after = Shape(n, before.heads_per_group, 1, before.head_dim, 128, before.hidden_size // 2)
+    # on the host a search view slices where it reads, as every other view does
+    assert pruned_view(lazy, config, before, after, sel, slice_on_device=True).tensors._slice_on is None
+
+
 def test_one_shard_is_named_as_transformers_names_it(tiny_models, tmp_path):
     from safetensors.torch import load_file
 
