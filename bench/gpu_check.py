@@ -21,7 +21,11 @@ H100/H200 (writing the random model is most of it on a slow disk).
     .venv/bin/python bench/gpu_check.py --package-8b [--samples 16] [--tokenizer DIR]
 
 On a machine with neither `make setup` nor Python's docs, pass the tokenizer folder and point BENCH_DOCS at a copy of
-Python's doc sources (bench/_report.py); the temporary folder (TMPDIR) takes the 16 GB model, its cache and output.
+Python's doc sources (bench/_report.py); the temporary folder (TMPDIR) takes the 16 GB model, its cache and output
+(/dev/shm where it has room). A CUDA image with torch and transformers but not this project's other needs ran it
+with these added to PYTHONPATH from wheels: pydantic, pydantic-core, annotated-types, typing-inspection,
+typing-extensions, llmcompressor 0.14.0.1, compressed-tensors 0.19.0, loguru, datasets, dill, multiprocess and
+auto-round (docs/benchmarks.md, "gpu-package-8b"); `python -m pytest tests/compress` there runs the CUDA paths.
 """
 
 from __future__ import annotations
