@@ -39,7 +39,8 @@ class PrunedTensors:
                 new = new_index[parts[0]]
                 self._from[name.replace(f"layers.{parts[0]}.", f"layers.{new}.", 1)] = (name, new, parts[1])
         self._index: dict[int, dict[str, torch.Tensor]] = {}
-        self._hidden = torch.tensor(sel.hidden, dtype=torch.long) if sel.hidden is not None else None
+        # the indices live where the slicing happens, made there once
+        self._hidden = torch.tensor(sel.hidden, dtype=torch.long, device=slice_on) if sel.hidden is not None else None
 
     def names(self) -> list[str]:
         return list(self._from)
@@ -58,7 +59,7 @@ class PrunedTensors:
                 continue
             else:
                 index = self._indices(layer)[kind]
-            tensor = tensor.index_select(axis, index.to(tensor.device))
+            tensor = tensor.index_select(axis, index)
         scale = self._norm_scale(layer, rest, name)
         return tensor * scale if scale is not None else tensor.contiguous()
 
@@ -74,9 +75,11 @@ class PrunedTensors:
     def _indices(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._index:
             sel, hd = self.sel, self._hd
-            self._index[layer] = {"q": _channel_index(sel.heads[layer], hd),
-                                  "kv": _channel_index(sel.kv_groups[layer], hd),
-                                  "ffn": torch.tensor(sel.ffn[layer], dtype=torch.long)}
+            index = {"q": _channel_index(sel.heads[layer], hd), "kv": _channel_index(sel.kv_groups[layer], hd),
+                     "ffn": torch.tensor(sel.ffn[layer], dtype=torch.long)}
+            if self._slice_on is not None:
+                index = {k: v.to(self._slice_on) for k, v in index.items()}
+            self._index[layer] = index
         return self._index[layer]
 
 
