@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import write_section  # noqa: E402
-
-STAGES = ("original", "pruned", "recovered", "quantized")
+from guard import _name  # noqa: E402
+from pipeline import STAGES  # noqa: E402
 
 
 def section(m: dict, wall_min: float | None) -> list[str]:
@@ -49,11 +49,6 @@ def section(m: dict, wall_min: float | None) -> list[str]:
         lines += ["", "Greedy completions of the chosen model: " + "; ".join(
             f"{p!r} -> {c!r}" for p, c in list(completions.items())[:4])]
     return lines
-
-
-def _name(rung: dict) -> str:
-    cut = f"{rung['fraction']:g}" if rung["fraction"] is not None else "unpruned"
-    return f"{cut} + {rung['quant']}"
 
 
 def main() -> None:

@@ -95,7 +95,8 @@ def package_8b(samples: int, tokenizer: Path | None) -> int:
                 log=Path(os.environ.get("GPU_CHECK_LOG", tmp / "package.log")))
         manifest = json.loads((tmp / "out" / "serve_pruned.json").read_text())
     device = manifest.get("peak_memory", {}).get("device_gib", {})
-    plan = (manifest.get("memory_plan") or {}).get("device_gib", {})
+    memory_plan = manifest.get("memory_plan") or {}
+    plan, host_plan = memory_plan.get("device_gib", {}), memory_plan.get("host_gib", {})
     pruning = manifest.get("pruning") or {}
     lines = [f"Llama-3.1-8B's shape (random weights drawn on the GPU, written in {made:.0f} s), `--target-params 0.75 "
              f"--quant w8a8 --distill-steps 0 --device cuda` (refit on), {samples} calibration samples of 256 tokens "
@@ -104,7 +105,6 @@ def package_8b(samples: int, tokenizer: Path | None) -> int:
              f"{manifest['weight_bytes'] / GIB:.2f} GiB of weights.", "",
              "| stage | time (s) | peak device (GiB) | plan device (GiB) | peak host (GiB) | plan host (GiB) |",
              "|---|---|---|---|---|---|"]
-    host_plan = (manifest.get("memory_plan") or {}).get("host_gib", {})
     for key, secs in r["stages"].items():
         st = key.removesuffix("_s")
         if st != "total":
